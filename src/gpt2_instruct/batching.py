@@ -1,0 +1,177 @@
+"""Tokenized splits, batch order and collate.
+
+Batch order comes from a dedicated ``torch.Generator`` (never the global RNG),
+so it is reproducible, checkpointable and independent of whatever else draws
+random numbers. The ``reference`` order reproduces, batch for batch, what the
+reference's ``DataLoader(shuffle=True, drop_last=True)`` yields after
+``torch.manual_seed(seed)``, including the random draws its periodic
+evaluation makes on the training loader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt2_instruct.io import atomic_path
+from gpt2_instruct.model import IGNORE_INDEX
+
+
+@dataclass
+class TokenizedSplit:
+    """Token ids of a split's examples, stored flat with offsets, plus prompt lengths."""
+
+    ids: torch.Tensor  # (total_tokens,) int32
+    offsets: torch.Tensor  # (n + 1,) int64
+    prompt_lengths: torch.Tensor  # (n,) int32, tokens of the prompt part of each example
+
+    @classmethod
+    def from_lists(cls, examples: Sequence[Sequence[int]], prompt_lengths: Sequence[int]):
+        if len(examples) != len(prompt_lengths):
+            raise ValueError("one prompt length per example is required")
+        lengths = torch.tensor([len(e) for e in examples], dtype=torch.int64)
+        offsets = torch.zeros(len(examples) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        ids = torch.tensor([t for e in examples for t in e], dtype=torch.int32)
+        return cls(ids, offsets, torch.tensor(list(prompt_lengths), dtype=torch.int32))
+
+    def __len__(self) -> int:
+        return len(self.prompt_lengths)
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]].tolist()
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def save(self, path: str | Path) -> None:
+        with atomic_path(path) as tmp:
+            save_file(
+                {"ids": self.ids, "offsets": self.offsets, "prompt_lengths": self.prompt_lengths},
+                tmp,
+            )
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenizedSplit:
+        tensors = load_file(path)
+        missing = {"ids", "offsets", "prompt_lengths"} - tensors.keys()
+        if missing:
+            raise ValueError(f"{path}: missing tensors {sorted(missing)}")
+        split = cls(tensors["ids"], tensors["offsets"], tensors["prompt_lengths"])
+        if len(split.offsets) != len(split.prompt_lengths) + 1 or (
+            len(split.offsets) and split.offsets[-1].item() != len(split.ids)
+        ):
+            raise ValueError(f"{path}: offsets do not match ids and prompt_lengths")
+        return split
+
+
+def collate(
+    examples: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    max_length: int,
+    prompt_lengths: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets for a batch, right-padded with ``pad_id``.
+
+    Each example gets one ``pad_id`` appended as its end-of-text token and that
+    first EOS stays a target, so the model learns to stop; every later
+    (padding) target is ``IGNORE_INDEX``. Masking is by position, not by token
+    id. An example longer than ``max_length`` is cut to ``max_length`` tokens
+    and still ends in the EOS target. With ``prompt_lengths`` the targets that
+    predict prompt tokens are masked too (loss on the response only).
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    kept = [min(len(e), max_length) for e in examples]
+    width = max(kept)  # inputs: the example; targets: the example shifted + EOS
+    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (example, n) in enumerate(zip(examples, kept, strict=True)):
+        if n == 0:
+            raise ValueError(f"batch row {row}: empty example")
+        tokens = torch.as_tensor(example[:n], dtype=torch.long)
+        inputs[row, :n] = tokens
+        targets[row, : n - 1] = tokens[1:]
+        targets[row, n - 1] = pad_id  # the EOS target
+        if prompt_lengths is not None:
+            targets[row, : min(prompt_lengths[row], n) - 1] = IGNORE_INDEX
+    return inputs, targets
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+
+
+class BatchOrder:
+    """Which examples form each training batch, epoch by epoch.
+
+    ``reference`` shuffles like ``DataLoader(shuffle=True, drop_last=True)``
+    seeded by ``torch.manual_seed(seed)``: every new iterator over the loader
+    draws a base seed, then the sampler draws the seed of its permutation.
+    ``length_grouped`` shuffles, then sorts examples by length inside pools of
+    ``pool_size`` batches' worth of examples and shuffles the resulting batches,
+    so batches carry little padding while the order stays random and seeded.
+    """
+
+    MODES = ("reference", "length_grouped")
+
+    def __init__(
+        self,
+        lengths: torch.Tensor,
+        batch_size: int,
+        *,
+        seed: int,
+        mode: str = "reference",
+        pool_batches: int = 32,
+    ) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"batch order {mode!r} is not one of {self.MODES}")
+        if len(lengths) < batch_size:
+            raise ValueError(
+                f"{len(lengths)} training examples cannot fill one batch of {batch_size}"
+            )
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.mode = mode
+        self.pool_batches = pool_batches
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size
+
+    def _permutation(self) -> torch.Tensor:
+        _draw_seed(self.generator)  # the DataLoader iterator's base seed
+        sampler = torch.Generator().manual_seed(_draw_seed(self.generator))
+        return torch.randperm(len(self.lengths), generator=sampler)
+
+    def epoch(self) -> list[list[int]]:
+        """The batches of the next epoch (the last partial batch is dropped)."""
+        perm = self._permutation()
+        n = len(self) * self.batch_size
+        if self.mode == "reference":
+            return perm[:n].view(-1, self.batch_size).tolist()
+        pool = self.pool_batches * self.batch_size
+        batches: list[list[int]] = []
+        for start in range(0, n, pool):
+            chunk = perm[start : min(start + pool, n)]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches.extend(chunk.view(-1, self.batch_size).tolist())
+        order = torch.randperm(len(batches), generator=self.generator).tolist()
+        return [batches[i] for i in order]
+
+    def sample_batches(self, count: int) -> list[list[int]]:
+        """``count`` batches of a fresh shuffle, as the reference's evaluation on train does."""
+        perm = self._permutation()
+        return perm[: min(count, len(self)) * self.batch_size].view(-1, self.batch_size).tolist()
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def restore(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)

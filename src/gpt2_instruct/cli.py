@@ -1,0 +1,442 @@
+"""Command line for talking to a fine-tuned model: ``chat`` (interactive) and ``generate``.
+
+Both commands build the prompt exactly as training did (``format_prompt`` with the style
+saved in ``config.json``), so the model sees the template it learned, and both show the
+answer that the evaluation would score (``extract_response``). ``chat`` streams the answer
+while it is generated; ``generate`` prints it once, as text or JSON, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from gpt2_instruct.data import PROMPT_STYLES, Entry, extract_response, format_prompt
+from gpt2_instruct.generation import SamplingConfig, generate
+from gpt2_instruct.model import GPTModel
+from gpt2_instruct.tokenizer import ENCODER_JSON, VOCAB_BPE, Tokenizer, load_tokenizer
+from gpt2_instruct.weights import CONFIG_NAME, WEIGHTS_NAME, WeightsError, load_model
+
+__all__ = [
+    "ModelDirError",
+    "ResponseStream",
+    "Utf8Stream",
+    "build_parser",
+    "load_instruct_model",
+    "main",
+]
+
+PROG = "gpt2-instruct"
+CONFIG_KEY = "gpt2_instruct"
+"""Key in ``config.json`` under which training records how the model was fine-tuned."""
+DEFAULT_STYLE = "alpaca"
+MODEL_FILES: tuple[str, ...] = (WEIGHTS_NAME, CONFIG_NAME, ENCODER_JSON, VOCAB_BPE)
+QUIT_COMMANDS = frozenset({"/quit"})
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be used; the message names the directory and file."""
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _prompt_style(model_dir: Path) -> str:
+    """The prompt style recorded at training time; models saved without one used alpaca."""
+    path = model_dir / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelDirError(
+            f"model directory {model_dir}: cannot read {CONFIG_NAME} ({err})"
+        ) from err
+    extra = config.get(CONFIG_KEY, {}) if isinstance(config, dict) else {}
+    if not isinstance(extra, dict):
+        raise ModelDirError(f"{path}: {CONFIG_KEY!r} must be a JSON object")
+    style = extra.get("prompt_style", DEFAULT_STYLE)
+    if style not in PROMPT_STYLES:
+        valid = ", ".join(repr(s) for s in PROMPT_STYLES)
+        raise ModelDirError(
+            f"{path}: unknown {CONFIG_KEY}.prompt_style {style!r}; valid styles: {valid}"
+        )
+    return style
+
+
+def load_instruct_model(
+    model_dir: str | Path, *, device: str | torch.device = "cpu"
+) -> tuple[GPTModel, Tokenizer, str]:
+    """Model (in eval mode on ``device``), tokenizer and prompt style from a model directory.
+
+    All four files are checked up front so a half-copied directory fails with one message
+    naming the directory and every missing file, not with a deep loader traceback.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model directory {model_dir}: not found or not a directory")
+    missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise ModelDirError(
+            f"model directory {model_dir}: missing {', '.join(missing)} "
+            f"(expected {', '.join(MODEL_FILES)})"
+        )
+    style = _prompt_style(model_dir)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except ValueError as err:
+        raise ModelDirError(f"model directory {model_dir}: bad tokenizer files: {err}") from err
+    try:
+        model = load_model(model_dir)
+    except WeightsError as err:
+        raise ModelDirError(f"model directory {model_dir}: {err}") from err
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ModelDirError(
+            f"model directory {model_dir}: the model has {model.config.vocab_size} token "
+            f"embeddings but the tokenizer has {tokenizer.vocab_size} tokens"
+        )
+    model.to(device).eval()
+    return model, tokenizer, style
+
+
+# --- streaming output ----------------------------------------------------------------------
+
+
+class Utf8Stream:
+    """Turn token bytes into text as they arrive, holding back an incomplete character.
+
+    GPT-2's byte-level BPE can split one multi-byte UTF-8 character over several tokens;
+    decoding each token alone would print replacement characters. The incremental decoder
+    keeps the bytes of an unfinished character and emits the longest valid prefix; bytes that
+    can never become valid UTF-8 are replaced, so one bad byte cannot stall the stream.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, data: bytes) -> str:
+        """Text completed by ``data`` (possibly empty)."""
+        return self._decoder.decode(data)
+
+    def finish(self) -> str:
+        """Whatever is left; a character cut off at the end becomes U+FFFD."""
+        return self._decoder.decode(b"", final=True)
+
+
+def _response_header(style: str) -> str:
+    """The header that ends the prompt of ``style``, which a model sometimes repeats."""
+    return format_prompt(Entry("", "", ""), style).rstrip("\n").rsplit("\n", 1)[-1]
+
+
+class ResponseStream:
+    """Streamed text, cleaned up on the fly exactly as :func:`extract_response` would.
+
+    Leading whitespace and a repeated response header are held back until it is clear the
+    text is not just that, and trailing whitespace until more text follows, so the streamed
+    answer equals ``extract_response(full_text)`` and chat shows what ``generate`` prints.
+    """
+
+    def __init__(self, style: str) -> None:
+        self._style = style
+        self._header = _response_header(style)
+        self._pending = ""  # everything seen before the answer proper started
+        self._started = False
+        self._held_space = ""  # whitespace that may turn out to be trailing
+
+    def feed(self, text: str) -> str:
+        """The part of ``text`` that is certainly part of the answer."""
+        if not self._started:
+            self._pending += text
+            rest = self._pending.lstrip()
+            if self._header.startswith(rest):  # empty, or maybe the start of a header
+                return ""
+            if rest.startswith(self._header):
+                rest = rest[len(self._header) :].lstrip()
+                if not rest:
+                    return ""
+            self._started = True
+            text = rest
+        text = self._held_space + text
+        body = text.rstrip()
+        self._held_space = text[len(body) :]
+        return body
+
+    def finish(self) -> str:
+        """What was held back but belongs to the answer (only if it never really started)."""
+        if self._started:
+            return ""
+        return extract_response(self._pending, self._style)
+
+
+class _AnswerPrinter:
+    """Token callback that writes the cleaned answer to ``out`` as tokens arrive."""
+
+    def __init__(self, tokenizer: Tokenizer, style: str, out: TextIO) -> None:
+        self._tokenizer = tokenizer
+        self._bytes = Utf8Stream()
+        self._text = ResponseStream(style)
+        self._out = out
+        self.printed = ""
+
+    def _write(self, text: str) -> None:
+        if text:
+            self._out.write(text)
+            self._out.flush()
+            self.printed += text
+
+    def __call__(self, row: int, token: int) -> None:
+        """Print the new token's text; ``row`` is always 0 (one prompt at a time)."""
+        self._write(self._text.feed(self._bytes.feed(_token_bytes(self._tokenizer, [token]))))
+
+    def finish(self) -> None:
+        """Flush held-back text and end the answer with a newline and a blank line."""
+        self._write(self._text.feed(self._bytes.finish()))
+        self._write(self._text.finish())
+        self._out.write("\n\n" if self.printed else "\n")
+        self._out.flush()
+
+
+# --- generation ----------------------------------------------------------------------------
+
+
+def _token_bytes(tokenizer: Tokenizer, ids: list[int]) -> bytes:
+    """Bytes of ``ids``; ids past the tokenizer (a padded embedding) carry no text."""
+    return tokenizer.decode_bytes([i for i in ids if i < tokenizer.vocab_size])
+
+
+def _prompt_ids(
+    model: GPTModel, tokenizer: Tokenizer, style: str, entry: Entry, max_new_tokens: int
+) -> list[int]:
+    """Token ids of the training-format prompt; warns when the context forces a cut."""
+    ids = tokenizer.encode(format_prompt(entry, style))
+    room = model.config.context_length - max_new_tokens
+    if len(ids) > room > 0:
+        print(
+            f"{PROG}: warning: prompt has {len(ids)} tokens; only the last {room} fit the "
+            f"context of {model.config.context_length} with --max-new-tokens {max_new_tokens}",
+            file=sys.stderr,
+        )
+    return ids
+
+
+def _answer(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    style: str,
+    entry: Entry,
+    sampling: SamplingConfig,
+    printer: _AnswerPrinter | None = None,
+) -> str:
+    """The model's answer to one entry, optionally streamed through ``printer``."""
+    ids = _prompt_ids(model, tokenizer, style, entry, sampling.max_new_tokens)
+    [new] = generate(model, [ids], eos_id=tokenizer.eot_id, sampling=sampling, on_token=printer)
+    text = _token_bytes(tokenizer, new).decode("utf-8", errors="replace")
+    return extract_response(text, style)
+
+
+def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    """Sampling options, validated before the (slow) model load."""
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def _device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present: chat latency matters more than bit-exactness."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def _load(args: argparse.Namespace, sampling: SamplingConfig) -> tuple[GPTModel, Tokenizer, str]:
+    """Load the model and reject an answer length its context cannot hold before any prompt."""
+    model, tokenizer, style = load_instruct_model(args.model, device=_device(args.device))
+    context = model.config.context_length
+    if sampling.max_new_tokens >= context:
+        raise ValueError(
+            f"--max-new-tokens {sampling.max_new_tokens} must be below the model's context "
+            f"length ({context}), which also has to hold the prompt"
+        )
+    return model, tokenizer, style
+
+
+def _read_line(prompt: str, interactive: bool) -> str | None:
+    """One line from stdin without its newline, or None at end of input.
+
+    A terminal gets the prompt (and ``input``'s line editing); piped input gets neither,
+    so a script's output holds only the answers.
+    """
+    if interactive:
+        try:
+            return input(prompt)
+        except EOFError:
+            print()
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\r\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Answer instructions from stdin until end of input, an empty instruction or /quit."""
+    sampling = _sampling(args)
+    model, tokenizer, style = _load(args, sampling)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(
+            f"Model {args.model} (prompt style {style}). "
+            "Enter an empty instruction or /quit to leave.\n"
+        )
+    while True:
+        instruction = _read_line("Instruction: ", interactive)
+        if instruction is None or not instruction.strip() or instruction.strip() in QUIT_COMMANDS:
+            return 0
+        input_text = _read_line("Input (optional): ", interactive) or ""
+        printer = _AnswerPrinter(tokenizer, style, sys.stdout)
+        if interactive:
+            sys.stdout.write("\n")
+        try:
+            _answer(model, tokenizer, style, Entry(instruction, input_text, ""), sampling, printer)
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            sys.stdout.write(" [interrupted]")
+        printer.finish()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print one answer, as plain text or as the JSON record the generate stage writes."""
+    sampling = _sampling(args)
+    model, tokenizer, style = _load(args, sampling)
+    entry = Entry(args.instruction, args.input, "")
+    response = _answer(model, tokenizer, style, entry, sampling)
+    if args.json:
+        record = {"instruction": entry.instruction, "input": entry.input}
+        print(json.dumps({**record, "model_response": response}, ensure_ascii=False))
+    else:
+        print(response)
+    return 0
+
+
+# --- argument parsing ----------------------------------------------------------------------
+
+
+def _number(text: str, kind: type[int] | type[float]) -> int | float:
+    """Parse an option value; argparse would otherwise name our helper in its message."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+
+
+def _non_negative_float(text: str) -> float:
+    """Temperature: 0 means greedy, and NaN must not slip through as "not negative"."""
+    value = float(_number(text, float))
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """Counts (top-k, new tokens) below 1 make no sense; reject them before loading."""
+    value = int(_number(text, int))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    """top-p is a probability mass: 0 would keep no token at all."""
+    value = float(_number(text, float))
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    """Options shared by both commands, so they decode identically."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="fine-tuned model directory (model.safetensors, config.json, encoder.json, vocab.bpe)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=0.0,
+        help="sampling temperature; 0 (default) is greedy decoding",
+    )
+    parser.add_argument("--top-k", type=_positive_int, default=None, help="keep the k best tokens")
+    parser.add_argument(
+        "--top-p", type=_probability, default=None, help="nucleus sampling probability mass"
+    )
+    parser.add_argument("--seed", type=int, default=123, help="sampling seed (default 123)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=256,
+        help="most tokens per answer (default 256)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="torch device, e.g. cpu or cuda (default: cuda if present)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gpt2-instruct`` argument parser with its ``chat`` and ``generate`` commands."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Talk to an instruction-fine-tuned GPT-2 model."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chat = commands.add_parser(
+        "chat",
+        help="interactive instruction loop on stdin",
+        description="Read an instruction and an optional input per turn from stdin and stream "
+        "the answer; stop at end of input, an empty instruction or /quit.",
+    )
+    _add_common(chat)
+    chat.set_defaults(func=cmd_chat)
+    gen = commands.add_parser(
+        "generate", help="answer one instruction", description="Print one answer to stdout."
+    )
+    _add_common(gen)
+    gen.add_argument("--instruction", required=True, help="the instruction to answer")
+    gen.add_argument("--input", default="", help="optional input for the instruction")
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"instruction", "input", "model_response"} as one JSON line',
+    )
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status instead of exiting, for tests."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help or a usage error; argparse already printed
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    try:
+        return args.func(args)
+    except ValueError as err:  # ModelDirError, bad sampling options, too long an answer
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130

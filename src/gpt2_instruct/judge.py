@@ -1,0 +1,649 @@
+"""Optional LLM judge: score the model's answers 0-100 with a local or remote chat model.
+
+This mirrors the reference (LLMs-from-scratch ch07), which asks Llama 3 through Ollama to
+grade each test answer against the expected output. It is optional because it needs a
+running server: with ``backend="none"`` nothing is contacted, and when the server cannot
+be reached :func:`judge_entries` returns a summary with a ``judge_error`` instead of
+raising, so the evaluate stage still writes its offline metrics.
+
+Everything that comes from entries or from the server is treated as untrusted data: entry
+text is substituted into the prompt template exactly once (never re-formatted), and the
+server's reply is only parsed for a number, truncated and stored; it never becomes a path,
+is never evaluated and never reaches another entry's prompt.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from string import Formatter
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from gpt2_instruct.data import Entry, format_prompt
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_TEMPLATE",
+    "DEFAULT_URLS",
+    "HISTOGRAM_BUCKETS",
+    "TEMPLATE_FIELDS",
+    "JudgeConfig",
+    "build_prompt",
+    "format_input",
+    "judge_entries",
+    "parse_score",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("none", "ollama", "openai")
+
+#: Where each backend listens by default: Ollama's own port, and the base URL (ending in
+#: ``/v1``) of a local OpenAI-compatible server such as vLLM or llama.cpp's server.
+DEFAULT_URLS: dict[str, str] = {
+    "ollama": "http://localhost:11434",
+    "openai": "http://localhost:8000/v1",
+}
+
+TEMPLATE_FIELDS: tuple[str, ...] = ("prompt", "output", "response", "instruction", "input")
+
+#: The reference's judge prompt, byte for byte, with ``{prompt}`` standing for
+#: ``format_input(entry)`` (the Alpaca prompt without the response header).
+DEFAULT_TEMPLATE = (
+    "Given the input `{prompt}` and correct output `{output}`, "
+    "score the model response `{response}` on a scale from 0 to 100, "
+    "where 100 is the best score. Respond with the integer number only."
+)
+
+#: Score buckets of the summary histogram; the last one includes 100.
+HISTOGRAM_BUCKETS: tuple[str, ...] = (*(f"{lo}-{lo + 9}" for lo in range(0, 90, 10)), "90-100")
+
+_RESPONSE_SUFFIX = "\n\n### Response:\n"
+_MAX_REPLY_CHARS = 2_000
+_MAX_BODY_BYTES = 1 << 20  # a judge reply is a few bytes; refuse to buffer a flood
+_MAX_BACKOFF_S = 60.0
+_MAX_CONSECUTIVE_UNREACHABLE = 3  # after the first success: the server went away
+_FIRST_CALL_FATAL_STATUSES = (401, 403, 404)  # wrong key, URL or model: would repeat for all
+_SNIPPET_CHARS = 200
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The first number: a leading minus only counts when it is not a range dash ("0-100").
+_NUMBER_RE = re.compile(r"(?<![0-9A-Za-z.])(-?)([0-9]+)(?:\.([0-9]+))?|(?<![0-9.])([0-9]+)")
+
+
+# --- configuration ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One replacement field of a template: which value, and how the template formats it."""
+
+    name: str
+    conversion: str | None
+    spec: str
+
+
+_Part = tuple[str, _Field | None]
+
+
+def _parse_template(template: str) -> list[_Part]:
+    """Split a template into (literal text, field) parts, or raise a clear ValueError.
+
+    Only the template itself is parsed, never text that already contains entry data, so
+    braces in instructions, outputs or responses can never be interpreted as fields.
+    """
+    try:
+        raw = list(Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"judge template is not a valid format string: {exc}") from None
+    allowed = ", ".join("{" + name + "}" for name in TEMPLATE_FIELDS)
+    parts: list[_Part] = []
+    for literal, name, spec, conversion in raw:
+        if name is None:
+            parts.append((literal, None))
+            continue
+        if name not in TEMPLATE_FIELDS:
+            shown = "{" + name + "}" if name else "{} (a positional field)"
+            raise ValueError(f"judge template has unknown field {shown}; allowed: {allowed}")
+        if spec and ("{" in spec or "}" in spec):
+            raise ValueError(
+                f"judge template field {{{name}}} has a nested field in its format spec "
+                f"{spec!r}; nested fields are not supported"
+            )
+        parts.append((literal, _Field(name, conversion, spec or "")))
+    return parts
+
+
+def _render(parts: Sequence[_Part], values: Mapping[str, str]) -> str:
+    """Substitute each field once; the values are inserted as-is, never re-parsed."""
+    formatter = Formatter()
+    out: list[str] = []
+    for literal, fld in parts:
+        out.append(literal)
+        if fld is not None:
+            value = formatter.convert_field(values[fld.name], fld.conversion)
+            out.append(formatter.format_field(value, fld.spec))
+    return "".join(out)
+
+
+def _check_template(template: str) -> None:
+    """Reject templates that could not score anything or would fail on the first entry."""
+    parts = _parse_template(template)
+    if not any(fld is not None and fld.name == "response" for _, fld in parts):
+        raise ValueError("judge template must contain {response} (the answer to score)")
+    try:
+        _render(parts, dict.fromkeys(TEMPLATE_FIELDS, "x"))
+    except ValueError as exc:  # bad conversion or format spec, e.g. "{response:d}"
+        raise ValueError(f"judge template cannot be formatted: {exc}") from None
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float, but not a bool (True would silently mean 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """How to reach the judge model; validated on construction so bad params fail early.
+
+    ``url`` defaults per backend (see :data:`DEFAULT_URLS`): Ollama's server root, or the
+    base URL of an OpenAI-compatible API *including* its ``/v1`` (``/chat/completions`` is
+    appended). The API key is never a parameter: it is read at call time from the
+    environment variable named by ``api_key_env``, so it stays out of params.yaml, DVC
+    lock files and metrics. ``retries`` counts extra attempts after the first; attempt ``k``
+    waits ``backoff * 2**k`` seconds (capped at 60 s) before retrying. ``template`` None
+    means the reference prompt (:data:`DEFAULT_TEMPLATE`).
+    """
+
+    backend: str = "none"
+    model: str = "llama3"
+    url: str | None = None
+    timeout: float = 60.0
+    retries: int = 2
+    backoff: float = 1.0
+    temperature: float = 0.0
+    seed: int = 123
+    num_ctx: int = 2048
+    api_key_env: str = "OPENAI_API_KEY"
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"judge backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"judge model must be a non-empty string, got {self.model!r}")
+        if self.url is None:
+            object.__setattr__(self, "url", DEFAULT_URLS.get(self.backend))
+        else:
+            parts = urlsplit(self.url) if isinstance(self.url, str) else None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"judge url must be an http(s) URL, got {self.url!r}")
+        for name in ("timeout", "backoff", "temperature"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise ValueError(f"judge {name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.timeout <= 0:
+            raise ValueError(f"judge timeout must be > 0 seconds, got {self.timeout}")
+        if self.backoff < 0:
+            raise ValueError(f"judge backoff must be >= 0 seconds, got {self.backoff}")
+        if self.temperature < 0:
+            raise ValueError(f"judge temperature must be >= 0, got {self.temperature}")
+        if not _is_int(self.retries) or self.retries < 0:
+            raise ValueError(f"judge retries must be an integer >= 0, got {self.retries!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"judge seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.num_ctx) or self.num_ctx <= 0:
+            raise ValueError(f"judge num_ctx must be an integer > 0, got {self.num_ctx!r}")
+        if not isinstance(self.api_key_env, str) or not _ENV_NAME_RE.match(self.api_key_env):
+            raise ValueError(
+                "judge api_key_env must name an environment variable (letters, digits, _), "
+                f"got {self.api_key_env!r}"
+            )
+        if self.template is not None:
+            if not isinstance(self.template, str):
+                raise ValueError(f"judge template must be a string, got {self.template!r}")
+            _check_template(self.template)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a server will be contacted at all."""
+        return self.backend != "none"
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> JudgeConfig:
+        """Build from a params.yaml section, rejecting unknown keys (typos fail loudly)."""
+        if not isinstance(params, Mapping):
+            raise ValueError(f"judge params must be a mapping, got {type(params).__name__}")
+        if "api_key" in params:
+            raise ValueError(
+                "judge params must not contain 'api_key': put the key in an environment "
+                "variable and name it with 'api_key_env'"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(key) for key in params if key not in known)
+        if unknown:
+            raise ValueError(f"unknown judge params {unknown}; allowed: {sorted(known)}")
+        return cls(**params)
+
+
+# --- prompts and scores -----------------------------------------------------------------
+
+
+def format_input(entry: Mapping[str, Any]) -> str:
+    """The reference's ``format_input``: the Alpaca prompt without the response header."""
+    prompt = format_prompt(
+        Entry(instruction=entry["instruction"], input=entry.get("input") or "", output=""),
+        "alpaca",
+    )
+    assert prompt.endswith(_RESPONSE_SUFFIX), "alpaca prompt no longer ends in its header"
+    return prompt[: -len(_RESPONSE_SUFFIX)]
+
+
+def build_prompt(entry: Mapping[str, Any], template: str | None = None) -> str:
+    """The judge prompt for one entry (``template`` None: the reference prompt, verbatim)."""
+    parts = _parse_template(DEFAULT_TEMPLATE if template is None else template)
+    values = {
+        "prompt": format_input(entry),
+        "output": entry["output"],
+        "response": entry["model_response"],
+        "instruction": entry["instruction"],
+        "input": entry.get("input") or "",
+    }
+    return _render(parts, values)
+
+
+def parse_score(reply: str) -> int | None:
+    """The first integer in ``reply`` if it lies in 0..100, else None.
+
+    Judges are told to answer with the number only but often add words ("Score: 85",
+    "85/100", " 85."); those are accepted. A fractional first number (85.5) is not an
+    integer score and a negative or >100 one is out of range: both give None, as does text
+    with no number, so a sloppy judge shows up as unparseable instead of as a fake score.
+    """
+    if not isinstance(reply, str):
+        return None
+    match = _NUMBER_RE.search(reply)
+    if match is None:
+        return None
+    sign, digits, fraction, plain = match.groups()
+    digits = (digits if plain is None else plain).lstrip("0") or "0"
+    if sign or len(digits) > 3 or (fraction and fraction.strip("0")):
+        return None  # negative, huge (int() of a long string is slow/limited), fractional
+    score = int(digits)
+    return score if score <= 100 else None
+
+
+# --- transport ----------------------------------------------------------------------------
+
+
+class _Failure(Exception):
+    """Internal: one failed call; says whether to retry and whether the server is unreachable."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        unreachable: bool = False,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.unreachable = unreachable
+        self.status = status
+
+
+def _snippet(data: bytes | str) -> str:
+    """A short, quoted excerpt of a server body for error messages (it is untrusted data)."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = " ".join(text.split())
+    if len(text) > _SNIPPET_CHARS:
+        text = text[:_SNIPPET_CHARS] + "..."
+    return repr(text)
+
+
+def _describe_connection_error(exc: BaseException) -> str:
+    """A short reason ("connection refused", ...) found in requests' nested exceptions."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(current, socket.gaierror):
+            return "host name could not be resolved"
+        if isinstance(current, (requests.ConnectTimeout, TimeoutError, socket.timeout)):
+            return "connection timed out"
+        if isinstance(current, (http.client.RemoteDisconnected, ConnectionResetError)):
+            return "connection closed by the server without a reply"
+        stack.extend([current.__cause__, current.__context__, getattr(current, "reason", None)])
+        stack.extend(current.args)
+    text = " ".join(str(exc).split())
+    return text[:_SNIPPET_CHARS] or type(exc).__name__
+
+
+def _read_body(response: requests.Response) -> bytes:
+    """The whole body, refusing more than 1 MiB (the reply is data from another process)."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(chunk_size=1 << 16):
+        size += len(chunk)
+        if size > _MAX_BODY_BYTES:
+            raise _Failure(f"reply larger than {_MAX_BODY_BYTES} bytes; not read", retryable=False)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _post_once(
+    session: requests.Session,
+    url: str,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    timeout: float,
+) -> Any:
+    """One POST; returns the parsed JSON body or raises _Failure saying what went wrong."""
+    try:
+        response = session.post(
+            url,
+            json=payload,
+            headers=headers,
+            timeout=timeout,
+            stream=True,
+            allow_redirects=False,
+        )
+    except requests.ConnectTimeout as exc:
+        raise _Failure(
+            f"connection timed out after {timeout:g} s", retryable=True, unreachable=True
+        ) from exc
+    except requests.Timeout as exc:
+        raise _Failure(f"no reply within {timeout:g} s (timeout)", retryable=True) from exc
+    except requests.exceptions.InvalidHeader as exc:
+        # Its message would quote the header value, i.e. the API key: keep that out of logs.
+        raise _Failure("invalid request header (check the API key)", retryable=False) from exc
+    except requests.ConnectionError as exc:
+        raise _Failure(_describe_connection_error(exc), retryable=True, unreachable=True) from exc
+    except (requests.RequestException, OSError, http.client.HTTPException) as exc:
+        raise _Failure(f"request failed: {type(exc).__name__}: {exc}", retryable=False) from exc
+
+    with response:
+        try:
+            body = _read_body(response)
+        except requests.RequestException as exc:  # includes read timeouts mid-body
+            raise _Failure(
+                f"connection broken while reading the reply: {type(exc).__name__}",
+                retryable=True,
+            ) from exc
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise _Failure(
+                f"HTTP {status} {response.reason}: {_snippet(body)}", retryable=True, status=status
+            )
+        if not 200 <= status < 300:
+            raise _Failure(
+                f"HTTP {status} {response.reason} (not retried): {_snippet(body)}",
+                retryable=False,
+                status=status,
+            )
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise _Failure(f"reply is not valid JSON: {_snippet(body)}", retryable=False) from None
+
+
+def _post(
+    session: requests.Session,
+    url: str,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    config: JudgeConfig,
+) -> Any:
+    """POST with retries for connection errors, timeouts, 429 and 5xx (never other 4xx)."""
+    for attempt in range(config.retries + 1):
+        try:
+            return _post_once(session, url, payload, headers, config.timeout)
+        except _Failure as failure:
+            if not failure.retryable or attempt == config.retries:
+                if attempt:
+                    failure.message += f" (after {attempt + 1} attempts)"
+                raise
+            delay = min(config.backoff * 2**attempt, _MAX_BACKOFF_S)
+            log.warning(
+                "judge: attempt %d/%d failed (%s); retrying in %.2f s",
+                attempt + 1,
+                config.retries + 1,
+                failure.message,
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _content(body: Any, path: Sequence[str | int]) -> str:
+    """The reply text at ``path`` in the JSON body, or _Failure if the shape is wrong."""
+    node = body
+    for key in path:
+        if isinstance(key, int):
+            ok = isinstance(node, list) and len(node) > key
+        else:
+            ok = isinstance(node, dict) and key in node
+        if not ok:
+            break
+        node = node[key]
+    else:
+        if isinstance(node, str):
+            return node
+    where = "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in path)
+    raise _Failure(f"reply has no text at {where.lstrip('.')}", retryable=False)
+
+
+def _api_key(config: JudgeConfig) -> str | None:
+    """The bearer token from the environment (stripped), or None when unset or empty."""
+    key = os.environ.get(config.api_key_env, "").strip()
+    if not key:
+        return None
+    if not key.isascii() or not key.isprintable() or any(ch.isspace() for ch in key):
+        raise ValueError(
+            f"environment variable {config.api_key_env} holds an API key with characters "
+            "not allowed in an HTTP header"
+        )
+    return key
+
+
+@dataclass(frozen=True)
+class _Request:
+    """Endpoint, headers and payload builder for one backend."""
+
+    url: str
+    headers: dict[str, str]
+    reply_path: tuple[str | int, ...]
+    server: str  # for messages, e.g. "Ollama at http://localhost:11434"
+    hint: str
+
+    @staticmethod
+    def for_config(config: JudgeConfig) -> _Request:
+        base = (config.url or "").rstrip("/")
+        if config.backend == "ollama":
+            return _Request(
+                url=f"{base}/api/chat",
+                headers={},
+                reply_path=("message", "content"),
+                server=f"Ollama at {config.url}",
+                hint=f"start it with `ollama serve` and `ollama pull {config.model}`",
+            )
+        key = _api_key(config)
+        return _Request(
+            url=f"{base}/chat/completions",
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            reply_path=("choices", 0, "message", "content"),
+            server=f"the OpenAI-compatible server at {config.url}",
+            hint=(
+                "start the server or point the judge url at one (base URL including /v1), "
+                f"and set {config.api_key_env} if it needs a key"
+            ),
+        )
+
+
+def _payload(config: JudgeConfig, prompt: str) -> dict[str, Any]:
+    """The request body; temperature 0 and a fixed seed keep scores reproducible."""
+    messages = [{"role": "user", "content": prompt}]
+    if config.backend == "ollama":
+        return {
+            "model": config.model,
+            "messages": messages,
+            "stream": False,
+            "options": {
+                "seed": config.seed,
+                "temperature": config.temperature,
+                "num_ctx": config.num_ctx,
+            },
+        }
+    return {
+        "model": config.model,
+        "messages": messages,
+        "temperature": config.temperature,
+        "seed": config.seed,
+    }
+
+
+# --- judging ------------------------------------------------------------------------------
+
+
+def _check_entries(entries: Sequence[Any]) -> None:
+    """Reject malformed entries before contacting any server (a caller bug, not server trouble)."""
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+        raise ValueError(f"judge entries must be a list of dicts, got {type(entries).__name__}")
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"judge entry {index} must be a dict, got {type(entry).__name__}")
+        for key in ("instruction", "output", "model_response"):
+            if not isinstance(entry.get(key), str):
+                raise ValueError(
+                    f"judge entry {index}: field {key!r} must be a string, "
+                    f"got {type(entry.get(key)).__name__}"
+                )
+        if not isinstance(entry.get("input") or "", str):
+            raise ValueError(f"judge entry {index}: field 'input' must be a string or null")
+
+
+def _clean_reply(text: str) -> str:
+    """Truncate and drop lone surrogates, so rows can always be written as UTF-8 JSON."""
+    return text[:_MAX_REPLY_CHARS].encode("utf-8", "replace").decode("utf-8")
+
+
+def _summary(config: JudgeConfig, rows: list[dict[str, Any]], error: str | None) -> dict[str, Any]:
+    """Counts, mean and histogram of the parsed scores (``judge_error`` None when all ran)."""
+    scores = [row["score"] for row in rows if row["score"] is not None]
+    histogram = dict.fromkeys(HISTOGRAM_BUCKETS, 0)
+    for score in scores:
+        histogram[HISTOGRAM_BUCKETS[min(score // 10, 9)]] += 1
+    return {
+        "judge_backend": config.backend,
+        "judge_model": config.model,
+        "judge_count": len(scores),
+        "judge_unparseable": sum(1 for r in rows if r["score"] is None and r["error"] is None),
+        "judge_failed": sum(1 for row in rows if row["error"] is not None),
+        "judge_mean": sum(scores) / len(scores) if scores else None,
+        "judge_histogram": histogram,
+        "judge_error": error,
+    }
+
+
+def judge_entries(
+    entries: list[dict[str, Any]], config: JudgeConfig, *, progress: bool = False
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score each entry's ``model_response`` with the judge; return (rows, summary).
+
+    Entries need ``instruction``, ``output`` and ``model_response`` strings (``input`` may be
+    missing or null). Each row is ``{"index", "score", "reply", "error"}``: ``score`` is an
+    int or None, ``reply`` the raw judge text (at most 2,000 characters), ``error`` a
+    transport/protocol error or None. A row with neither score nor error was unparseable.
+
+    The summary holds ``judge_backend``, ``judge_model``, ``judge_count`` (scored),
+    ``judge_unparseable``, ``judge_failed``, ``judge_mean`` (None without scores), a nested
+    ``judge_histogram`` of ten buckets ("0-9" ... "90-100"; ``dvc metrics`` flattens nested
+    dicts itself) and ``judge_error``. Server trouble never raises: if the first entry
+    cannot reach the server, or is refused with HTTP 401/403/404 (wrong key, URL or model,
+    which would repeat for every entry), judging stops with no rows and ``judge_error``
+    says how to fix it; if the server goes away later, judging stops after a few
+    consecutive connection failures, keeping the rows so far. ``backend="none"`` contacts
+    nothing. Bad entries or a bad API key variable raise ValueError.
+    """
+    _check_entries(entries)
+    if not config.enabled or not entries:
+        return [], _summary(config, [], None)
+
+    request = _Request.for_config(config)
+    rows: list[dict[str, Any]] = []
+    error: str | None = None
+    unreachable_streak = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm  # lazily: only interactive runs need it
+
+        bar = tqdm(total=len(entries), desc="judge", unit="entry", leave=False)
+    try:
+        with requests.Session() as session:
+            for index, entry in enumerate(entries):
+                prompt = build_prompt(entry, config.template)
+                row: dict[str, Any] = {"index": index, "score": None, "reply": "", "error": None}
+                try:
+                    body = _post(
+                        session, request.url, _payload(config, prompt), request.headers, config
+                    )
+                    text = _content(body, request.reply_path)
+                except _Failure as failure:
+                    first = index == 0
+                    if first and failure.unreachable:
+                        error = (
+                            f"could not reach {request.server} ({failure.message}); {request.hint}"
+                        )
+                    elif first and failure.status in _FIRST_CALL_FATAL_STATUSES:
+                        error = (
+                            f"{request.server} refused the first request ({failure.message}); "
+                            f"check the judge model {config.model!r}, url and key; {request.hint}"
+                        )
+                    if error is not None:
+                        rows = []
+                        break
+                    row["error"] = failure.message
+                    unreachable_streak = unreachable_streak + 1 if failure.unreachable else 0
+                    rows.append(row)
+                    if unreachable_streak >= _MAX_CONSECUTIVE_UNREACHABLE:
+                        error = (
+                            f"lost contact with {request.server} ({failure.message}); stopped "
+                            f"after {unreachable_streak} consecutive connection failures, "
+                            f"{len(entries) - index - 1} of {len(entries)} entries not judged"
+                        )
+                        break
+                else:
+                    unreachable_streak = 0
+                    row["reply"] = _clean_reply(text)
+                    row["score"] = parse_score(text)
+                    rows.append(row)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if error is not None:
+        log.warning("judge: %s", error)
+    return rows, _summary(config, rows, error)

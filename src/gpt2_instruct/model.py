@@ -1,0 +1,275 @@
+"""GPT-2 in plain PyTorch, computing exactly what OpenAI's GPT-2 computes.
+
+Pre-LayerNorm transformer blocks with learned position embeddings, fused q/k/v
+projection, tanh-approximated GELU and an output head tied to the token
+embedding. Attention goes through ``scaled_dot_product_attention`` so the
+fastest kernel of the device is used; the optional key/value cache is
+pre-allocated once per generation call and written in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of a GPT-2 model; field names follow the paper's notation."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+
+# The four published GPT-2 sizes (Radford et al., 2019; Hugging Face names).
+GPT2_CONFIGS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(n_embd=768, n_layer=12, n_head=12),
+    "gpt2-medium": GPTConfig(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPTConfig(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": GPTConfig(n_embd=1600, n_layer=48, n_head=25),
+}
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer for incremental decoding.
+
+    ``key_valid`` marks which cache slots hold real tokens (left padding in a
+    batch of prompts of different lengths is masked out by position).
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_length: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        if max_length > config.context_length:
+            raise ValueError(
+                f"KV cache of {max_length} positions exceeds the context length "
+                f"{config.context_length}"
+            )
+        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_valid = torch.zeros(batch_size, max_length, device=device, dtype=torch.bool)
+        self.length = 0  # positions written so far (same for every row)
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with GPT-2's epsilon; parameters named like the paper (weight, bias)."""
+
+    def __init__(self, n_embd: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class GELU(nn.Module):
+    """GPT-2's GELU: the tanh approximation (Hugging Face's ``gelu_new``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention with q, k, v projected by one fused linear layer."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in that order
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        layer: int = 0,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+
+        if cache is None:
+            # Right padding only ever follows real tokens, so the causal mask suffices.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            start, end = cache.length, cache.length + T
+            cache.keys[layer, :, :, start:end] = k
+            cache.values[layer, :, :, start:end] = v
+            k = cache.keys[layer, :, :, :end]  # (B, nh, end, hs)
+            v = cache.values[layer, :, :, :end]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP, 4x wide."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = GELU()
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.gelu(self.fc(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(config.n_embd, config.layer_norm_eps)
+        self.attn = MultiHeadAttention(config)
+        self.norm2 = LayerNorm(config.n_embd, config.layer_norm_eps)
+        self.ff = FeedForward(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        layer: int = 0,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), layer=layer, cache=cache, attn_mask=attn_mask)
+        return x + self.ff(self.norm2(x))
+
+
+class GPTModel(nn.Module):
+    """GPT-2: embeddings, ``n_layer`` transformer blocks, final LayerNorm, tied head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.context_length, config.n_embd)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.final_norm = LayerNorm(config.n_embd, config.layer_norm_eps)
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at initialisation.
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.out_proj.weight", "ff.proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def out_head_weight(self) -> torch.Tensor:
+        """The output projection is the token embedding (weight tying)."""
+        return self.tok_emb.weight
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-LayerNorm output (B, T, C) for token ids ``idx`` (B, T)."""
+        T = idx.shape[1]
+        offset = cache.length if cache is not None else 0
+        if offset + T > self.config.context_length:
+            raise ValueError(
+                f"sequence of {offset + T} tokens exceeds the context length "
+                f"{self.config.context_length}"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + T, device=idx.device)  # (T,)
+        x = self.tok_emb(idx) + self.pos_emb(position_ids)  # (B, T, C)
+        x = self.emb_dropout(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, layer=layer, cache=cache, attn_mask=attn_mask)
+        if cache is not None:
+            cache.length += T
+        return self.final_norm(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T)."""
+        return F.linear(self.hidden_states(idx), self.out_head_weight)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over targets that are not ``IGNORE_INDEX``.
+
+        Equals ``F.cross_entropy(self(idx).flatten(0, 1), targets.flatten())`` but
+        projects onto the vocabulary only where a target counts, which skips the
+        largest matrix product for padding (and masked prompt) positions.
+        """
+        hidden = self.hidden_states(idx)  # (B, T, C)
+        keep = targets != IGNORE_INDEX  # (B, T)
+        logits = F.linear(hidden[keep], self.out_head_weight)  # (N, V)
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-position cross-entropy (B, T), zero where the target is ignored."""
+        hidden = self.hidden_states(idx)
+        keep = targets != IGNORE_INDEX
+        losses = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        logits = F.linear(hidden[keep], self.out_head_weight)
+        losses[keep] = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        return losses

@@ -1,0 +1,291 @@
+"""Typed, validated views of ``params.yaml``: one dataclass per pipeline stage.
+
+A stage reads only its own section. Unknown keys, wrong types and values out of
+range fail before any work starts, naming ``params.yaml``, the section and the
+key, so a typo in ``dvc exp run -S finetune.lerning_rate=...`` cannot silently
+run the default recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from gpt2_instruct.model import GPT2_CONFIGS
+
+PARAMS_FILE = "params.yaml"
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem; the message names the file, the section and the key."""
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    """Where the instruction data set comes from: http(s) URL, file:// URL or local path."""
+
+    url: str = (
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+        "01_main-chapter-code/instruction-data.json"
+    )
+    sha256: str | None = None
+    timeout: float = 60.0
+    retries: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.timeout > 0, "timeout must be > 0")
+        _check(self.retries >= 0, "retries must be >= 0")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    """The reference split: 85% train, 10% test, the rest validation, in file order."""
+
+    train_fraction: float = 0.85
+    test_fraction: float = 0.10
+    shuffle: bool = False
+    seed: int = 123
+
+    def __post_init__(self) -> None:
+        _check(0 < self.train_fraction < 1, "train_fraction must be in (0, 1)")
+        _check(0 < self.test_fraction < 1, "test_fraction must be in (0, 1)")
+        _check(self.train_fraction + self.test_fraction < 1, "train + test fractions must be < 1")
+
+
+@dataclass(frozen=True)
+class TokenizeParams:
+    prompt_style: Literal["alpaca", "phi3"] = "alpaca"
+
+
+@dataclass(frozen=True)
+class RandomModelParams:
+    """Shape of a randomly initialised model: smoke tests and CI, never real answers."""
+
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    context_length: int = 1024
+    seed: int = 123
+
+    def __post_init__(self) -> None:
+        _check(self.n_layer > 0 and self.n_head > 0, "n_layer and n_head must be > 0")
+        _check(self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head")
+        _check(0 < self.context_length <= 1024, "context_length must be in 1..1024")
+
+
+@dataclass(frozen=True)
+class FetchParams:
+    """Pre-trained weights (Hugging Face safetensors) and GPT-2's BPE files."""
+
+    source: Literal["hub", "local", "random"] = "hub"
+    model: str = "gpt2-medium"
+    revision: str = "main"
+    hub_url: str = "https://huggingface.co"
+    local_dir: str | None = None
+    bpe_source: str = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+    timeout: float = 60.0
+    retries: int = 3
+    random: RandomModelParams = field(default_factory=RandomModelParams)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.model in GPT2_CONFIGS,
+            f"model must be one of {sorted(GPT2_CONFIGS)}, got {self.model!r}",
+        )
+        _check(
+            self.source != "local" or bool(self.local_dir),
+            "source 'local' needs local_dir (a directory with model.safetensors + config.json)",
+        )
+        _check(self.timeout > 0, "timeout must be > 0")
+        _check(self.retries >= 0, "retries must be >= 0")
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """The reference recipe by default (Raschka, ch. 7); every deviation is a knob here."""
+
+    seed: int = 123
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 5.0e-5
+    weight_decay: float = 0.1
+    max_length: int = 1024
+    dropout: float = 0.0
+    eval_every: int = 5
+    eval_batches: int = 5
+    eval_train: Literal["reference", "fixed"] = "reference"
+    batch_order: Literal["reference", "length_grouped"] = "reference"
+    mask_prompt: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    fused_optimizer: bool = True
+    max_steps: int | None = None
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "epochs must be > 0")
+        _check(self.batch_size > 0, "batch_size must be > 0")
+        _check(self.lr > 0, "lr must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(self.max_length > 1, "max_length must be > 1")
+        _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
+        _check(self.eval_every > 0, "eval_every must be > 0")
+        _check(self.eval_batches > 0, "eval_batches must be > 0")
+        _check(self.max_steps is None or self.max_steps > 0, "max_steps must be > 0 or null")
+        _check(self.threads is None or self.threads > 0, "threads must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """Answers for the test split; greedy by default, like the reference."""
+
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 123
+    response_header_in_prompt: bool = False
+    limit: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens > 0, "max_new_tokens must be > 0")
+        _check(self.batch_size > 0, "batch_size must be > 0")
+        _check(self.limit is None or self.limit > 0, "limit must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class JudgeParams:
+    backend: Literal["none", "ollama", "openai"] = "none"
+    model: str = "llama3"
+    url: str | None = None
+    timeout: float = 60.0
+    retries: int = 2
+    template: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 8
+    device: str = "auto"
+    judge: JudgeParams = field(default_factory=JudgeParams)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "batch_size must be > 0")
+
+
+@dataclass(frozen=True)
+class Params:
+    download: DownloadParams = field(default_factory=DownloadParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    tokenize: TokenizeParams = field(default_factory=TokenizeParams)
+    fetch_gpt2: FetchParams = field(default_factory=FetchParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    generate: GenerateParams = field(default_factory=GenerateParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+class _CheckFailed(ValueError):
+    pass
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise _CheckFailed(message)
+
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a type hint; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        for option in typing.get_args(hint):
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ParamsError:
+                continue
+        raise ParamsError(f"{where}: {value!r} does not match {hint}")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ParamsError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, where)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamsError(
+                f"{where}: expected a number, got {value!r}"
+                + (
+                    " (write 5.0e-5, not 5e-5: YAML 1.1 reads that as text)"
+                    if isinstance(value, str)
+                    else ""
+                )
+            )
+        return float(value)
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ParamsError(f"{where}: expected an integer, got {value!r}")
+    if hint is bool and not isinstance(value, bool):
+        raise ParamsError(f"{where}: expected true or false, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ParamsError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], raw: dict[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamsError(
+            f"{where or 'top level'}: unknown key(s) {unknown}; valid keys: {sorted(names)}"
+        )
+    values = {
+        key: _coerce(value, hints[key], f"{where}.{key}" if where else key)
+        for key, value in raw.items()
+    }
+    try:
+        return cls(**values)
+    except _CheckFailed as err:
+        raise ParamsError(f"{where}: {err}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate the whole params file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as err:
+        raise ParamsError(f"{path}: not found (run from the repository root)") from err
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections")
+    try:
+        return _build(Params, raw, "")
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def load_section(section: str, path: str | Path = PARAMS_FILE) -> Any:
+    """One stage's section; the whole file is still validated so typos anywhere fail."""
+    return getattr(load_params(path), section)
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params)

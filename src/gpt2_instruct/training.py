@@ -1,0 +1,258 @@
+"""The fine-tuning loop: the reference recipe, made fast and resumable.
+
+By default this is Raschka's ``train_model_simple`` step for step: AdamW, the
+same shuffled batches, loss evaluated every ``eval_every`` steps on
+``eval_batches`` train and validation batches (mean of batch means), tokens
+seen counted with padding. Speed comes from work that does not change what is
+learned: the vocabulary projection only where targets count, fused AdamW,
+validation batches collated once, inference mode for evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from gpt2_instruct.batching import BatchOrder, TokenizedSplit, collate
+from gpt2_instruct.io import atomic_path
+from gpt2_instruct.model import GPTModel
+from gpt2_instruct.params import FinetuneParams
+
+CHECKPOINT_NAME = "last.pt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+    epoch_batches: list[list[int]] = field(default_factory=list)
+    tokens_seen: int = 0  # input positions, padding included (as the reference counts)
+    target_tokens: int = 0  # positions whose target counts in the loss
+    seconds: float = 0.0
+    log: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast when asked; fp32 runs exactly as written."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Runs the recipe in ``FinetuneParams`` on a model and tokenized splits."""
+
+    def __init__(
+        self,
+        model: GPTModel,
+        train: TokenizedSplit,
+        val: TokenizedSplit,
+        params: FinetuneParams,
+        *,
+        pad_id: int,
+        device: torch.device | None = None,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 0,
+        on_log: Callable[[dict[str, float]], None] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.params = params
+        self.device = device or resolve_device(params.device)
+        self.model = model.to(self.device)
+        self.train_split, self.val_split = train, val
+        self.pad_id = pad_id
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.checkpoint_every = checkpoint_every
+        self.on_log = on_log
+        self.progress = progress
+        self.order = BatchOrder(
+            train.lengths, params.batch_size, seed=params.seed, mode=params.batch_order
+        )
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=params.lr,
+            weight_decay=params.weight_decay,
+            fused=params.fused_optimizer or None,
+        )
+        self.state = TrainState()
+        self._val_batches = self._collate_many(self._val_eval_indices())
+        self._fixed_train_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if params.eval_train == "fixed":
+            fixed = BatchOrder(train.lengths, params.batch_size, seed=params.seed + 1)
+            self._fixed_train_batches = self._collate_many(
+                fixed.sample_batches(params.eval_batches)
+            )
+
+    # ----------------------------------------------------------------- batches
+    def _val_eval_indices(self) -> list[list[int]]:
+        """The first ``eval_batches`` validation batches in file order (the last may be short)."""
+        n, size = len(self.val_split), self.params.batch_size
+        count = min(self.params.eval_batches, math.ceil(n / size))
+        return [list(range(i * size, min((i + 1) * size, n))) for i in range(count)]
+
+    def _collate(self, indices: list[int], split: TokenizedSplit) -> tuple[torch.Tensor, ...]:
+        examples = [split[i] for i in indices]
+        prompt_lengths = (
+            [int(split.prompt_lengths[i]) for i in indices] if self.params.mask_prompt else None
+        )
+        inputs, targets = collate(
+            examples,
+            pad_id=self.pad_id,
+            max_length=self.params.max_length,
+            prompt_lengths=prompt_lengths,
+        )
+        return inputs.to(self.device), targets.to(self.device)
+
+    def _collate_many(self, batches: list[list[int]], split: TokenizedSplit | None = None):
+        split = split if split is not None else self.val_split
+        return [self._collate(b, split) for b in batches]
+
+    # -------------------------------------------------------------- evaluation
+    @torch.inference_mode()
+    def _mean_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        if not batches:
+            return float("nan")
+        self.model.eval()
+        with autocast(self.device, self.params.precision):
+            losses = [self.model.loss(x, y).item() for x, y in batches]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def evaluate(self) -> tuple[float, float]:
+        """(train loss, val loss) as the reference's ``evaluate_model`` computes them."""
+        if self._fixed_train_batches is not None:
+            train_batches = self._fixed_train_batches
+        else:  # fresh shuffled batches, drawn from the training order's generator
+            indices = self.order.sample_batches(self.params.eval_batches)
+            train_batches = self._collate_many(indices, self.train_split)
+        return self._mean_loss(train_batches), self._mean_loss(self._val_batches)
+
+    # -------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "order_rng": self.order.state(),
+            "torch_rng": torch.get_rng_state(),
+            "train_state": vars(self.state),
+            "params": vars(self.params),
+        }
+        with atomic_path(self.checkpoint_dir / CHECKPOINT_NAME) as tmp:
+            torch.save(state, tmp)
+
+    def load_checkpoint(self) -> bool:
+        """Resume from the checkpoint if there is one for the same params; True if resumed."""
+        if self.checkpoint_dir is None:
+            return False
+        path = self.checkpoint_dir / CHECKPOINT_NAME
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        saved = dict(state["params"])
+        current = vars(self.params)
+        if saved != current:
+            changed = sorted(k for k in current if saved.get(k) != current[k])
+            print(f"{path}: params changed ({', '.join(changed)}); starting afresh")
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.order.restore(state["order_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.state = TrainState(**state["train_state"])
+        return True
+
+    # ---------------------------------------------------------------- the loop
+    def _batches(self) -> Iterator[list[int]]:
+        p, s = self.params, self.state
+        while s.epoch < p.epochs:
+            if s.batch_in_epoch == 0:
+                s.epoch_batches = self.order.epoch()
+            while s.batch_in_epoch < len(s.epoch_batches):
+                yield s.epoch_batches[s.batch_in_epoch]
+            s.epoch += 1
+            s.batch_in_epoch = 0
+            self.save_checkpoint()
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.params.epochs * len(self.order)
+        return min(steps, self.params.max_steps) if self.params.max_steps else steps
+
+    def train(self) -> TrainState:
+        """Train to the end (or ``max_steps``); returns the final state with the loss log."""
+        p, s = self.params, self.state
+        self.model.train()
+        bar = tqdm(
+            total=self.total_steps, initial=s.step, disable=not self.progress, desc="finetune"
+        )
+        started = time.perf_counter() - s.seconds
+        for indices in self._batches():
+            if s.step >= self.total_steps:
+                break
+            inputs, targets = self._collate(indices, self.train_split)
+            with autocast(self.device, p.precision):
+                loss = self.model.loss(inputs, targets)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {s.step + 1} (epoch {s.epoch + 1}); "
+                    "the last good checkpoint is kept"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            s.batch_in_epoch += 1
+            s.step += 1
+            s.tokens_seen += inputs.numel()
+            s.target_tokens += int((targets != -100).sum())
+            s.seconds = time.perf_counter() - started
+            bar.update(1)
+            if (s.step - 1) % p.eval_every == 0:  # the reference evaluates at steps 0, 5, ...
+                self._log(loss.item())
+                bar.set_postfix(
+                    train=f"{s.log[-1]['train_loss']:.3f}", val=f"{s.log[-1]['val_loss']:.3f}"
+                )
+            if self.checkpoint_every and s.step % self.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        s.seconds = time.perf_counter() - started
+        return s
+
+    def _log(self, batch_loss: float) -> None:
+        s = self.state
+        train_loss, val_loss = self.evaluate()
+        row = {
+            "step": s.step,
+            "epoch": s.epoch + s.batch_in_epoch / len(self.order),
+            "tokens_seen": s.tokens_seen,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "batch_loss": batch_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": s.seconds,
+        }
+        s.log.append(row)
+        if self.on_log is not None:
+            self.on_log(row)

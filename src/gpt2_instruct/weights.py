@@ -1,0 +1,200 @@
+"""Hugging Face GPT-2 checkpoints <-> our ``GPTModel``.
+
+The Hub's GPT-2 checkpoints use OpenAI's ``Conv1D`` layers, which store weights
+as ``[in, out]`` (the transpose of ``nn.Linear``), fuse q/k/v into ``c_attn``
+and tie ``lm_head`` to ``wte``. Weights are read with safetensors only: nothing
+downloaded is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gpt2_instruct.io import atomic_path, write_json
+from gpt2_instruct.model import GPTConfig, GPTModel
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# Our parameter name (per block) -> (HF name, transposed?)
+_BLOCK_KEYS: dict[str, tuple[str, bool]] = {
+    "norm1.weight": ("ln_1.weight", False),
+    "norm1.bias": ("ln_1.bias", False),
+    "attn.qkv.weight": ("attn.c_attn.weight", True),
+    "attn.qkv.bias": ("attn.c_attn.bias", False),
+    "attn.out_proj.weight": ("attn.c_proj.weight", True),
+    "attn.out_proj.bias": ("attn.c_proj.bias", False),
+    "norm2.weight": ("ln_2.weight", False),
+    "norm2.bias": ("ln_2.bias", False),
+    "ff.fc.weight": ("mlp.c_fc.weight", True),
+    "ff.fc.bias": ("mlp.c_fc.bias", False),
+    "ff.proj.weight": ("mlp.c_proj.weight", True),
+    "ff.proj.bias": ("mlp.c_proj.bias", False),
+}
+_TOP_KEYS: dict[str, str] = {
+    "tok_emb.weight": "wte.weight",
+    "pos_emb.weight": "wpe.weight",
+    "final_norm.weight": "ln_f.weight",
+    "final_norm.bias": "ln_f.bias",
+}
+# Buffers that old checkpoints carry (causal masks); they hold no learned values.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def _key_map(n_layer: int) -> dict[str, tuple[str, bool]]:
+    mapping = {ours: (theirs, False) for ours, theirs in _TOP_KEYS.items()}
+    for i in range(n_layer):
+        for ours, (theirs, transpose) in _BLOCK_KEYS.items():
+            mapping[f"blocks.{i}.{ours}"] = (f"h.{i}.{theirs}", transpose)
+    return mapping
+
+
+def config_from_hf(hf: dict[str, Any], source: str = CONFIG_NAME) -> GPTConfig:
+    """Translate a Hugging Face ``GPT2Config`` dict into ``GPTConfig``."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise WeightsError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
+        raise WeightsError(f"{source}: activation_function {activation!r} is not GPT-2's tanh GELU")
+    n_inner = hf.get("n_inner")
+    if n_inner not in (None, 4 * hf.get("n_embd", 0)):
+        raise WeightsError(f"{source}: n_inner={n_inner} is not 4 * n_embd")
+    try:
+        return GPTConfig(
+            vocab_size=int(hf["vocab_size"]),
+            context_length=int(hf["n_positions"]),
+            n_embd=int(hf["n_embd"]),
+            n_layer=int(hf["n_layer"]),
+            n_head=int(hf["n_head"]),
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        )
+    except KeyError as err:
+        raise WeightsError(f"{source}: missing key {err.args[0]!r}") from err
+    except ValueError as err:
+        raise WeightsError(f"{source}: {err}") from err
+
+
+def config_to_hf(config: GPTConfig) -> dict[str, Any]:
+    """A ``config.json`` that ``transformers.GPT2LMHeadModel.from_pretrained`` accepts."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.context_length,
+        "n_ctx": config.context_length,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "bos_token_id": config.vocab_size - 1,
+        "eos_token_id": config.vocab_size - 1,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+def read_config(model_dir: str | Path) -> GPTConfig:
+    path = Path(model_dir) / CONFIG_NAME
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise WeightsError(f"{path}: not found") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(hf, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return config_from_hf(hf, str(path))
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except FileNotFoundError as err:
+        raise WeightsError(f"{path}: not found") from err
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise WeightsError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def load_model(
+    model_dir: str | Path, *, dropout: float = 0.0, dtype: torch.dtype = torch.float32
+) -> GPTModel:
+    """Build a ``GPTModel`` from a directory with ``config.json`` + ``model.safetensors``.
+
+    Every expected tensor must be present with exactly the expected shape; a
+    tensor we do not know is an error too, so a mismatched config never loads
+    silently.
+    """
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    if dropout:
+        config = GPTConfig(**{**config.to_dict(), "dropout": dropout})
+    weights_path = model_dir / WEIGHTS_NAME
+    tensors = _read_tensors(weights_path)
+    # save_pretrained of GPT2LMHeadModel prefixes "transformer."; the Hub files do not.
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    head = tensors.pop("lm_head.weight", None)
+
+    with torch.device("meta"):
+        model = GPTModel(config)
+    expected = _key_map(config.n_layer)
+    state: dict[str, torch.Tensor] = {}
+    own_shapes = {name: p.shape for name, p in model.state_dict().items()}
+    for ours, (theirs, transpose) in expected.items():
+        if theirs not in tensors:
+            raise WeightsError(f"{weights_path}: missing tensor {theirs!r}")
+        tensor = tensors.pop(theirs)
+        want = own_shapes[ours][::-1] if transpose else own_shapes[ours]  # as stored
+        if tensor.shape != want:
+            raise WeightsError(
+                f"{weights_path}: tensor {theirs!r} has shape {tuple(tensor.shape)}, expected "
+                f"{tuple(want)} for the config in {model_dir / CONFIG_NAME}"
+            )
+        if transpose:
+            tensor = tensor.t()
+        state[ours] = tensor.to(dtype).contiguous()
+    unknown = [k for k in tensors if not k.endswith(_IGNORED_SUFFIXES)]
+    if unknown:
+        raise WeightsError(f"{weights_path}: unexpected tensors {sorted(unknown)[:5]}")
+    if head is not None and not torch.equal(head, state["tok_emb.weight"].to(head.dtype)):
+        raise WeightsError(f"{weights_path}: lm_head.weight is not tied to wte.weight")
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def save_model(model: GPTModel, model_dir: str | Path, *, extra_config: dict | None = None) -> None:
+    """Write ``model.safetensors`` + ``config.json`` in Hugging Face GPT-2 layout.
+
+    ``lm_head`` is left out because it is tied to ``wte``, exactly as
+    ``save_pretrained`` does; files are replaced atomically.
+    """
+    model_dir = Path(model_dir)
+    state = model.state_dict()
+    tensors = {
+        f"transformer.{theirs}": (state[ours].t() if transpose else state[ours])
+        .detach()
+        .to("cpu", torch.float32)
+        .contiguous()
+        for ours, (theirs, transpose) in _key_map(model.config.n_layer).items()
+    }
+    with atomic_path(model_dir / WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    config = config_to_hf(model.config)
+    if extra_config:
+        config.update(extra_config)
+    write_json(model_dir / CONFIG_NAME, config)

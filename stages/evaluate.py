@@ -1,0 +1,26 @@
+"""Stage evaluate: score the test answers offline (and with an LLM judge when asked)."""
+
+from gpt2_instruct import pipeline
+from gpt2_instruct.stage import run_stage
+
+if __name__ == "__main__":
+    run_stage(
+        __doc__,
+        {
+            "responses": "data/responses/test.json",
+            "model": "data/model",
+            "tokenized": "data/tokenized",
+            "metrics": "metrics/eval.json",
+            "per_entry": "metrics/eval_per_entry.csv",
+            "plots": "plots/eval",
+        },
+        lambda p, a: pipeline.evaluate(
+            p.evaluate,
+            a["responses"],
+            a["model"],
+            a["tokenized"],
+            a["metrics"],
+            a["per_entry"],
+            a["plots"],
+        ),
+    )

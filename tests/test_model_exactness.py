@@ -1,0 +1,96 @@
+"""Our GPTModel must compute what Hugging Face's GPT2LMHeadModel computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2_instruct.model import GPT2_CONFIGS, GPTModel
+from gpt2_instruct.weights import load_model, save_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_checkpoint(tmp_path: Path, **config: int) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(**config)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    # Random init leaves biases and LayerNorms at 0/1; perturb them so the mapping is tested.
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    hf.save_pretrained(tmp_path)
+    return tmp_path, hf
+
+
+TINY = {"vocab_size": 97, "n_positions": 32, "n_embd": 24, "n_layer": 3, "n_head": 4}
+
+
+def test_tiny_logits_match_hf(tmp_path: Path) -> None:
+    path, hf = _hf_checkpoint(tmp_path, **TINY)
+    ours = load_model(path).eval()
+    idx = torch.randint(0, 97, (3, 32))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_gpt2_small_shape_logits_match_hf(tmp_path: Path) -> None:
+    small = GPT2_CONFIGS["gpt2"]
+    path, hf = _hf_checkpoint(
+        tmp_path, n_embd=small.n_embd, n_layer=small.n_layer, n_head=small.n_head
+    )
+    ours = load_model(path).eval()
+    assert ours.num_parameters() == 124_439_808  # GPT-2 small, tied head counted once
+    idx = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_loss_matches_full_cross_entropy(tmp_path: Path) -> None:
+    path, _ = _hf_checkpoint(tmp_path, **TINY)
+    ours = load_model(path).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 16))
+    targets[0, 10:] = -100
+    targets[1, :3] = -100
+    with torch.no_grad():
+        full = torch.nn.functional.cross_entropy(ours(idx).flatten(0, 1), targets.flatten())
+        fast = ours.loss(idx, targets)
+        per_token = ours.token_losses(idx, targets)
+    torch.testing.assert_close(fast, full)
+    torch.testing.assert_close(per_token.sum() / (targets != -100).sum(), full)
+    assert per_token[0, 10:].eq(0).all()
+
+
+def test_saved_model_loads_in_hf_with_same_logits(tmp_path: Path) -> None:
+    path, _ = _hf_checkpoint(tmp_path / "src", **TINY)
+    ours = load_model(path).eval()
+    save_model(ours, tmp_path / "out")
+    reloaded_hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    reloaded_ours = load_model(tmp_path / "out").eval()
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        base = ours(idx)
+        assert (reloaded_hf(idx).logits - base).abs().max().item() <= 1e-4
+        assert torch.equal(reloaded_ours(idx), base)
+
+
+def test_random_model_round_trips(tmp_path: Path) -> None:
+    from gpt2_instruct.model import GPTConfig
+
+    torch.manual_seed(1)
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=16, n_embd=8, n_layer=2, n_head=2))
+    save_model(model, tmp_path)
+    again = load_model(tmp_path)
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), again.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
