@@ -77,8 +77,7 @@ _MAX_CONSECUTIVE_UNREACHABLE = 3  # after the first success: the server went awa
 _FIRST_CALL_FATAL_STATUSES = (401, 403, 404)  # wrong key, URL or model: would repeat for all
 _SNIPPET_CHARS = 200
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# The first number: a leading minus only counts when it is not a range dash ("0-100").
-_NUMBER_RE = re.compile(r"(?<![0-9A-Za-z.])(-?)([0-9]+)(?:\.([0-9]+))?|(?<![0-9.])([0-9]+)")
+_NUMBER_RE = re.compile(r"[0-9]+(?:\.([0-9]+))?")
 
 
 # --- configuration ----------------------------------------------------------------------
@@ -250,7 +249,8 @@ def format_input(entry: Mapping[str, Any]) -> str:
         Entry(instruction=entry["instruction"], input=entry.get("input") or "", output=""),
         "alpaca",
     )
-    assert prompt.endswith(_RESPONSE_SUFFIX), "alpaca prompt no longer ends in its header"
+    if not prompt.endswith(_RESPONSE_SUFFIX):  # guards against a change in data.py
+        raise RuntimeError("the alpaca prompt no longer ends with its response header")
     return prompt[: -len(_RESPONSE_SUFFIX)]
 
 
@@ -280,9 +280,13 @@ def parse_score(reply: str) -> int | None:
     match = _NUMBER_RE.search(reply)
     if match is None:
         return None
-    sign, digits, fraction, plain = match.groups()
-    digits = (digits if plain is None else plain).lstrip("0") or "0"
-    if sign or len(digits) > 3 or (fraction and fraction.strip("0")):
+    start = match.start()
+    # A minus sign right before the number makes it negative, unless it is a range dash
+    # after a word or number ("0-100", "A-5").
+    negative = reply[start - 1 : start] == "-" and not reply[start - 2 : start - 1].isalnum()
+    fraction = match.group(1)
+    digits = match.group(0).split(".")[0].lstrip("0") or "0"
+    if negative or len(digits) > 3 or (fraction and fraction.strip("0")):
         return None  # negative, huge (int() of a long string is slow/limited), fractional
     score = int(digits)
     return score if score <= 100 else None
@@ -331,7 +335,7 @@ def _describe_connection_error(exc: BaseException) -> str:
             return "connection refused"
         if isinstance(current, socket.gaierror):
             return "host name could not be resolved"
-        if isinstance(current, (requests.ConnectTimeout, TimeoutError, socket.timeout)):
+        if isinstance(current, (requests.ConnectTimeout, TimeoutError)):
             return "connection timed out"
         if isinstance(current, (http.client.RemoteDisconnected, ConnectionResetError)):
             return "connection closed by the server without a reply"
