@@ -100,7 +100,16 @@ def _gen_args(model_dir: Path, instruction: str, *extra: str) -> list[str]:
 
 
 def _chat_args(model_dir: Path, *extra: str) -> list[str]:
-    return ["chat", "--model", str(model_dir), "--device", "cpu", "--max-new-tokens", MAX_NEW]
+    return [
+        "chat",
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        MAX_NEW,
+        *extra,
+    ]
 
 
 def _library_answer(model_dir: Path, entry: Entry) -> tuple[list[int], str]:
@@ -241,7 +250,7 @@ def test_chat_answers_piped_instructions_until_eof(
     assert code == 0
     assert err.count("warning: prompt has") == 2  # stderr, so piped answers stay clean
     # Piped input: no banner or prompts, only each answer and a blank line after it.
-    assert out == "".join(f"{answer}\n\n" if answer else "\n" for answer in expected)
+    assert out == "".join(f"{answer}\n\n" for answer in expected)
     assert "Instruction:" not in out
 
 

@@ -193,10 +193,11 @@ class _AnswerPrinter:
         self._write(self._text.feed(self._bytes.feed(_token_bytes(self._tokenizer, [token]))))
 
     def finish(self) -> None:
-        """Flush held-back text and end the answer with a newline and a blank line."""
+        """Flush held-back text, then end the answer's line and add a blank one (always both,
+        so piped output has the same shape for an empty answer)."""
         self._write(self._text.feed(self._bytes.finish()))
         self._write(self._text.finish())
-        self._out.write("\n\n" if self.printed else "\n")
+        self._out.write("\n\n")
         self._out.flush()
 
 
@@ -406,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
         "chat",
         help="interactive instruction loop on stdin",
         description="Read an instruction and an optional input per turn from stdin and stream "
-        "the answer; stop at end of input, an empty instruction or /quit.",
+        "the answer; stop at end of input, an empty instruction or /quit. Piped input gives "
+        "each turn as two lines: the instruction, then its input or an empty line.",
     )
     _add_common(chat)
     chat.set_defaults(func=cmd_chat)

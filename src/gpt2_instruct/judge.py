@@ -427,7 +427,7 @@ def _post(
         except _Failure as failure:
             if not failure.retryable or attempt == config.retries:
                 if attempt:
-                    failure.message += f" (after {attempt + 1} attempts)"
+                    failure.message += f", after {attempt + 1} attempts"
                 raise
             delay = min(config.backoff * 2**attempt, _MAX_BACKOFF_S)
             log.warning(

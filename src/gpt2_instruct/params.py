@@ -125,6 +125,7 @@ class FinetuneParams:
     precision: Literal["fp32", "bf16"] = "fp32"
     fused_optimizer: bool = True
     max_steps: int | None = None
+    checkpoint_every: int = 50
     device: str = "auto"
     threads: int | None = None
 
@@ -138,6 +139,7 @@ class FinetuneParams:
         _check(self.eval_every > 0, "eval_every must be > 0")
         _check(self.eval_batches > 0, "eval_batches must be > 0")
         _check(self.max_steps is None or self.max_steps > 0, "max_steps must be > 0 or null")
+        _check(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: epoch ends only)")
         _check(self.threads is None or self.threads > 0, "threads must be > 0 or null")
 
 

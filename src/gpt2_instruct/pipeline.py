@@ -254,8 +254,6 @@ def finetune(
     metrics: Path,
     log_tsv: Path,
     loss_plot: Path,
-    *,
-    checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     _configure_threads(params.threads)
     meta = json.loads((tokenized / "meta.json").read_text(encoding="utf-8"))
@@ -275,8 +273,8 @@ def finetune(
         params,
         pad_id=meta["eot_id"],
         checkpoint_dir=checkpoints,
-        checkpoint_every=checkpoint_every,
     )
+    checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC output even when none is written
     if trainer.load_checkpoint():
         _log(f"finetune: resumed from {checkpoints} at step {trainer.state.step}")
     state = trainer.train()
@@ -298,16 +296,14 @@ def finetune(
         save_model(trainer.model, tmp, extra_config=extra)
         for name in (ENCODER_JSON, VOCAB_BPE):
             shutil.copyfile(encoding_dir / name, tmp / name)
+    trainer.remove_checkpoint()
 
-    last = state.log[-1] if state.log else {}
     train_loss, val_loss = trainer.evaluate()
     report = {
         "steps": state.step,
         "epochs": round(state.step / len(trainer.order), 4),
         "train_loss": train_loss,
         "val_loss": val_loss,
-        "last_logged_train_loss": last.get("train_loss"),
-        "last_logged_val_loss": last.get("val_loss"),
         "tokens_seen": state.tokens_seen,
         "target_tokens": state.target_tokens,
         "train_seconds": round(state.seconds, 2),

@@ -73,7 +73,6 @@ class Trainer:
         pad_id: int,
         device: torch.device | None = None,
         checkpoint_dir: str | Path | None = None,
-        checkpoint_every: int = 0,
         on_log: Callable[[dict[str, float]], None] | None = None,
         progress: bool = True,
     ) -> None:
@@ -83,7 +82,6 @@ class Trainer:
         self.train_split, self.val_split = train, val
         self.pad_id = pad_id
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.checkpoint_every = checkpoint_every
         self.on_log = on_log
         self.progress = progress
         self.order = BatchOrder(
@@ -163,6 +161,11 @@ class Trainer:
         with atomic_path(self.checkpoint_dir / CHECKPOINT_NAME) as tmp:
             torch.save(state, tmp)
 
+    def remove_checkpoint(self) -> None:
+        """Drop the checkpoint once the finished model is saved: it would only fill the disk."""
+        if self.checkpoint_dir is not None:
+            (self.checkpoint_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+
     def load_checkpoint(self) -> bool:
         """Resume from the checkpoint if there is one for the same params; True if resumed."""
         if self.checkpoint_dir is None:
@@ -234,7 +237,7 @@ class Trainer:
                 bar.set_postfix(
                     train=f"{s.log[-1]['train_loss']:.3f}", val=f"{s.log[-1]['val_loss']:.3f}"
                 )
-            if self.checkpoint_every and s.step % self.checkpoint_every == 0:
+            if p.checkpoint_every and s.step % p.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
         s.seconds = time.perf_counter() - started
