@@ -170,6 +170,14 @@ class BatchOrder:
         perm = self._permutation()
         return perm[: min(count, len(self)) * self.batch_size].view(-1, self.batch_size).tolist()
 
+    def skip_unshuffled_iterator(self) -> None:
+        """Consume the draw that iterating an unshuffled DataLoader makes (its base seed).
+
+        The reference's validation loader does not shuffle, yet each pass over it
+        still draws from the global RNG and so moves the training shuffle.
+        """
+        _draw_seed(self.generator)
+
     def state(self) -> torch.Tensor:
         return self.generator.get_state()
 

@@ -90,7 +90,7 @@ def generate(
     dtype = model.tok_emb.weight.dtype
     B, width = len(prompts), max(len(p) for p in prompts)
 
-    idx = torch.full((B, width), eos_id, dtype=torch.long, device=device)
+    idx = torch.zeros(B, width, dtype=torch.long, device=device)  # padding: masked out
     valid = torch.zeros(B, width, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):
         idx[row, width - len(prompt) :] = torch.tensor(prompt, device=device)

@@ -148,30 +148,31 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
 def tokenize(
     params: TokenizeParams, prepared: Path, encoding_dir: Path, out_dir: Path, metrics: Path
 ) -> dict[str, Any]:
+    """Encode each split; full length statistics go to meta.json, headline figures to metrics."""
     tokenizer = load_tokenizer(encoding_dir)
-    report: dict[str, Any] = {"prompt_style": params.prompt_style}
+    report: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
             entries = load_entries(prepared / f"{name}.json")
             examples, prompt_lengths = tokenize_entries(entries, tokenizer, params.prompt_style)
             TokenizedSplit.from_lists(examples, prompt_lengths).save(tmp / f"{name}.safetensors")
             lengths = [len(e) + 1 for e in examples]  # + the EOS the collate appends
-            report[name] = {
-                "examples": len(examples),
-                "tokens": sum(lengths),
+            stats[name] = {
                 "length": _length_stats(lengths),
                 "prompt_length": _length_stats(prompt_lengths),
             }
-        write_json(
-            tmp / "meta.json",
-            {
-                "prompt_style": params.prompt_style,
-                "eot_id": tokenizer.eot_id,
-                "vocab_size": tokenizer.vocab_size,
-            },
-        )
+            report[f"{name}_tokens"] = sum(lengths)
+            report[f"{name}_max_length"] = max(lengths)
+        meta = {
+            "prompt_style": params.prompt_style,
+            "eot_id": tokenizer.eot_id,
+            "vocab_size": tokenizer.vocab_size,
+            "stats": stats,
+        }
+        write_json(tmp / "meta.json", meta)
     write_json(metrics, report)
-    _log(f"tokenize: {json.dumps({k: v for k, v in report.items() if k != 'prompt_style'})}")
+    _log(f"tokenize ({params.prompt_style}): {json.dumps(stats)}")
     return report
 
 

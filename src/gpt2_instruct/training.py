@@ -94,12 +94,12 @@ class Trainer:
             fused=params.fused_optimizer or None,
         )
         self.state = TrainState()
-        self._val_batches = self._collate_many(self._val_eval_indices())
+        self._val_batches = self._collate_many(self._val_eval_indices(), val)
         self._fixed_train_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if params.eval_train == "fixed":
             fixed = BatchOrder(train.lengths, params.batch_size, seed=params.seed + 1)
             self._fixed_train_batches = self._collate_many(
-                fixed.sample_batches(params.eval_batches)
+                fixed.sample_batches(params.eval_batches), train
             )
 
     # ----------------------------------------------------------------- batches
@@ -109,7 +109,9 @@ class Trainer:
         count = min(self.params.eval_batches, math.ceil(n / size))
         return [list(range(i * size, min((i + 1) * size, n))) for i in range(count)]
 
-    def _collate(self, indices: list[int], split: TokenizedSplit) -> tuple[torch.Tensor, ...]:
+    def _collate(
+        self, indices: list[int], split: TokenizedSplit
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         examples = [split[i] for i in indices]
         prompt_lengths = (
             [int(split.prompt_lengths[i]) for i in indices] if self.params.mask_prompt else None
@@ -122,8 +124,9 @@ class Trainer:
         )
         return inputs.to(self.device), targets.to(self.device)
 
-    def _collate_many(self, batches: list[list[int]], split: TokenizedSplit | None = None):
-        split = split if split is not None else self.val_split
+    def _collate_many(
+        self, batches: list[list[int]], split: TokenizedSplit
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self._collate(b, split) for b in batches]
 
     # -------------------------------------------------------------- evaluation
@@ -144,6 +147,7 @@ class Trainer:
         else:  # fresh shuffled batches, drawn from the training order's generator
             indices = self.order.sample_batches(self.params.eval_batches)
             train_batches = self._collate_many(indices, self.train_split)
+            self.order.skip_unshuffled_iterator()  # the reference's pass over its val loader
         return self._mean_loss(train_batches), self._mean_loss(self._val_batches)
 
     # -------------------------------------------------------------- checkpoints

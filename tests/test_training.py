@@ -1,0 +1,240 @@
+"""The training loop: the reference's recipe step for step, resumable bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from gpt2_instruct.batching import TokenizedSplit, collate
+from gpt2_instruct.model import GPTConfig, GPTModel
+from gpt2_instruct.params import FinetuneParams
+from gpt2_instruct.training import CHECKPOINT_NAME, NonFiniteLossError, Trainer
+
+VOCAB, PAD = 61, 60
+CONFIG = GPTConfig(vocab_size=VOCAB, context_length=48, n_embd=16, n_layer=2, n_head=2)
+
+
+def make_split(n: int, seed: int) -> TokenizedSplit:
+    gen = torch.Generator().manual_seed(seed)
+    examples = [
+        torch.randint(
+            0, PAD, (int(torch.randint(4, 30, (1,), generator=gen)),), generator=gen
+        ).tolist()
+        for _ in range(n)
+    ]
+    return TokenizedSplit.from_lists(examples, [3] * n)
+
+
+TRAIN, VAL = make_split(37, 1), make_split(11, 2)
+
+
+def fresh_model() -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(CONFIG)
+
+
+def reference_run(params: FinetuneParams) -> tuple[list[tuple[float, float]], GPTModel, int]:
+    """The reference's train_model_simple, restated with DataLoaders and the global RNG."""
+    model = fresh_model()
+
+    def loader(split: TokenizedSplit, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            range(len(split)),
+            batch_size=params.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            collate_fn=lambda b: collate(
+                [split[i] for i in b], pad_id=PAD, max_length=params.max_length
+            ),
+        )
+
+    def mean_loss(data: DataLoader, batches: int) -> float:
+        losses = []
+        for i, (x, y) in enumerate(data):
+            if i >= batches:
+                break
+            losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+        return sum(losses) / len(losses)
+
+    torch.manual_seed(params.seed)
+    train_loader, val_loader = loader(TRAIN, True), loader(VAL, False)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=params.lr, weight_decay=params.weight_decay
+    )
+    log, step, tokens_seen = [], -1, 0
+    for _ in range(params.epochs):
+        model.train()
+        for x, y in train_loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            optimizer.step()
+            tokens_seen += x.numel()
+            step += 1
+            if step % params.eval_every == 0:
+                model.eval()
+                with torch.no_grad():
+                    log.append(
+                        (
+                            mean_loss(train_loader, params.eval_batches),
+                            mean_loss(val_loader, params.eval_batches),
+                        )
+                    )
+                model.train()
+    return log, model, tokens_seen
+
+
+RECIPE = FinetuneParams(
+    lr=1e-3, epochs=2, batch_size=4, eval_every=3, eval_batches=2, fused_optimizer=False
+)
+
+
+def test_matches_the_reference_loop_step_for_step() -> None:
+    expected_log, expected_model, expected_tokens = reference_run(RECIPE)
+    trainer = Trainer(fresh_model(), TRAIN, VAL, RECIPE, pad_id=PAD, progress=False)
+    state = trainer.train()
+    got = [(row["train_loss"], row["val_loss"]) for row in state.log]
+    assert len(got) == len(expected_log) == -(-2 * (37 // 4) // 3)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected_log), rtol=0, atol=1e-5)
+    for (name, a), b in zip(
+        trainer.model.state_dict().items(), expected_model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    assert state.tokens_seen == expected_tokens
+
+
+def test_fused_optimizer_learns_the_same() -> None:
+    slow = Trainer(fresh_model(), TRAIN, VAL, RECIPE, pad_id=PAD, progress=False).train()
+    fused_params = dataclasses.replace(RECIPE, fused_optimizer=True)
+    fast = Trainer(fresh_model(), TRAIN, VAL, fused_params, pad_id=PAD, progress=False).train()
+    for a, b in zip(slow.log, fast.log, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+
+
+def test_fixed_evaluation_makes_the_order_independent_of_eval_frequency() -> None:
+    def final_weights(eval_every: int, eval_train: str) -> torch.Tensor:
+        params = dataclasses.replace(RECIPE, eval_every=eval_every, eval_train=eval_train)
+        trainer = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False)
+        trainer.train()
+        return trainer.model.tok_emb.weight.detach().clone()
+
+    assert torch.equal(final_weights(1, "fixed"), final_weights(4, "fixed"))
+    # The reference draws evaluation batches from the training shuffle's RNG, so epoch 2 moves.
+    assert not torch.equal(final_weights(1, "reference"), final_weights(4, "reference"))
+
+
+def test_mask_prompt_counts_only_response_targets() -> None:
+    base = Trainer(fresh_model(), TRAIN, VAL, RECIPE, pad_id=PAD, progress=False).train()
+    masked_params = dataclasses.replace(RECIPE, mask_prompt=True)
+    masked = Trainer(fresh_model(), TRAIN, VAL, masked_params, pad_id=PAD, progress=False).train()
+    steps = base.step
+    assert masked.target_tokens == base.target_tokens - 2 * steps * 4  # 2 prompt targets per row
+
+
+def test_bf16_autocast_trains_close_to_fp32() -> None:
+    fp32 = Trainer(fresh_model(), TRAIN, VAL, RECIPE, pad_id=PAD, progress=False).train()
+    bf16_params = dataclasses.replace(RECIPE, precision="bf16")
+    bf16 = Trainer(fresh_model(), TRAIN, VAL, bf16_params, pad_id=PAD, progress=False).train()
+    assert bf16.log[-1]["val_loss"] == pytest.approx(fp32.log[-1]["val_loss"], abs=5e-2)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    params = dataclasses.replace(RECIPE, checkpoint_every=2)
+    trainer = Trainer(
+        fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
+    )
+    original_step = trainer.optimizer.step
+    calls = {"n": 0}
+
+    def poisoned_step(*args, **kwargs):
+        calls["n"] += 1
+        result = original_step(*args, **kwargs)
+        if calls["n"] == 3:
+            with torch.no_grad():
+                trainer.model.final_norm.weight.fill_(float("nan"))
+        return result
+
+    trainer.optimizer.step = poisoned_step
+    with pytest.raises(NonFiniteLossError, match="step 4"):
+        trainer.train()
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert saved["train_state"]["step"] == 2
+    assert torch.isfinite(saved["model"]["final_norm.weight"]).all()
+
+
+RUN_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, json, torch
+    sys.path.insert(0, {tests!r})
+    from test_training import TRAIN, VAL, PAD, RECIPE, fresh_model
+    import dataclasses
+    from gpt2_instruct.training import Trainer
+    torch.set_num_threads(1)
+    params = dataclasses.replace(RECIPE, checkpoint_every=2)
+    trainer = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False,
+                      checkpoint_dir=sys.argv[1])
+    trainer.load_checkpoint()
+    kill_at = int(sys.argv[2])
+    original = trainer.optimizer.step
+    def step(*a, **k):
+        if trainer.state.step + 1 == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*a, **k)
+    trainer.optimizer.step = step
+    state = trainer.train()
+    torch.save({{"model": trainer.model.state_dict(),
+                 "log": [{{k: v for k, v in r.items() if k != "seconds"}} for r in state.log]}},
+               sys.argv[3])
+    """
+)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+
+    def run(ckpt: Path, kill_at: int, out: Path) -> int:
+        return subprocess.run(
+            [sys.executable, str(script), str(ckpt), str(kill_at), str(out)],
+            env=env,
+            timeout=120,
+            check=False,
+        ).returncode
+
+    assert run(tmp_path / "a", 0, tmp_path / "straight.pt") == 0
+    # Killed at step 6 of 9 in epoch 1 (checkpoint at step 4): mid-epoch, work after it is lost.
+    assert run(tmp_path / "b", 6, tmp_path / "never.pt") == -signal.SIGKILL
+    assert not (tmp_path / "never.pt").exists()
+    assert run(tmp_path / "b", 0, tmp_path / "resumed.pt") == 0
+    straight = torch.load(tmp_path / "straight.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert straight["log"] == resumed["log"]
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+
+def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path) -> None:
+    params = dataclasses.replace(RECIPE, checkpoint_every=2, max_steps=2)
+    Trainer(
+        fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
+    ).train()
+    other = dataclasses.replace(params, lr=2e-3)
+    trainer = Trainer(
+        fresh_model(), TRAIN, VAL, other, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
+    )
+    assert trainer.load_checkpoint() is False
+    same = Trainer(
+        fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
+    )
+    assert same.load_checkpoint() is True
+    assert same.state.step == 2
