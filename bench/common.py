@@ -140,23 +140,38 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def matmul_peak_gflops(
-    dtype: torch.dtype, device: torch.device, *, size: int = 2048, repeats: int = 5
-) -> float:
-    """Best achieved GFLOP/s of ``size`` x ``size`` matmuls (2 * size**3 FLOPs each).
+def matmul_peak(
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    size: int = 2048,
+    repeats: int = 5,
+    max_seconds: float = 1.0,
+) -> tuple[float, int]:
+    """(best achieved GFLOP/s, size used) of square matmuls, 2 * size**3 FLOPs each.
 
-    Two warm-up products, then ``repeats`` timed rounds; a round runs enough
-    products to last ~50 ms (one product when a single one is slower), and the
-    best round counts, which is the usual "achievable peak" reading.
+    A 256 x 256 probe first: where one ``size`` product would take longer than
+    ``max_seconds`` (bf16 on a CPU without bf16 instructions runs at ~1 GFLOP/s)
+    the size is halved until it would not. Then two warm-up products and
+    ``repeats`` timed rounds; a round runs enough products to last ~50 ms and
+    the best round counts, the usual "achievable peak" reading.
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
-    flops = 2.0 * size**3
+
+    def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        return a, b
+
+    probe = min(size, 256)
+    a, b = operands(probe)
+    estimate = min(timed(lambda: a @ b, device)[0] for _ in range(2)) * (size / probe) ** 3
+    while size > probe and estimate > max_seconds:
+        size //= 2
+        estimate /= 8
+    a, b = operands(size)
     single = min(timed(lambda: a @ b, device)[0] for _ in range(2))
     inner = max(1, math.ceil(0.05 / max(single, 1e-9)))
-    if single > 2.0:  # very slow (e.g. bf16 emulated on a CPU): keep the run short
-        repeats = min(repeats, 2)
     best = float("inf")
     for _ in range(repeats):
 
@@ -165,7 +180,14 @@ def matmul_peak_gflops(
                 a @ b
 
         best = min(best, timed(run, device)[0] / inner)
-    return flops / best / 1e9
+    return 2.0 * size**3 / best / 1e9, size
+
+
+def matmul_peak_gflops(
+    dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5
+) -> float:
+    """Best achieved GFLOP/s of square matmuls (see ``matmul_peak``)."""
+    return matmul_peak(dtype, device, size=size, repeats=repeats)[0]
 
 
 # ---------------------------------------------------------------- machine info

@@ -43,7 +43,7 @@ from common import (
     load_hf_model,
     log,
     machine_info,
-    matmul_peak_gflops,
+    matmul_peak,
     mean,
     non_embedding_params,
     peak_rss_gb,
@@ -157,10 +157,10 @@ def main() -> None:
     padded_tokens = sum(x.numel() for x, _ in timed_batches)
 
     log("peak: timing square matmuls (fp32, bf16)")
-    peak_fp32 = matmul_peak_gflops(
+    peak_fp32, size_fp32 = matmul_peak(
         torch.float32, device, size=args.peak_size, repeats=args.peak_repeats
     )
-    peak_bf16 = matmul_peak_gflops(
+    peak_bf16, size_bf16 = matmul_peak(
         torch.bfloat16, device, size=args.peak_size, repeats=args.peak_repeats
     )
     peak = peak_fp32 if args.dtype == "fp32" else peak_bf16
@@ -233,6 +233,7 @@ def main() -> None:
     )
     out["peak_fp32_gflops"] = peak_fp32
     out["peak_bf16_gflops"] = peak_bf16
+    out["peak_matmul_sizes"] = {"fp32": size_fp32, "bf16": size_bf16}
     out["padding_fraction"] = 1.0 - real_tokens / padded_tokens
     diff = abs(results["ours"]["first_loss"] - results["hf"]["first_loss"]) if both else None
     out["loss_diff_first_batch"] = diff
@@ -268,7 +269,7 @@ def main() -> None:
             "definitions": (
                 "real tokens = positions whose target != -100; useful FLOPs = "
                 "6*(N_nonemb + n_embd*vocab)*real tokens; mfu = useful FLOP/s / measured "
-                f"{args.peak_size}^2 matmul peak of the run's dtype"
+                "square-matmul peak of the run's dtype (see peak_matmul_sizes)"
             ),
             **machine_info(device),
         }

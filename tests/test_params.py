@@ -16,6 +16,7 @@ from gpt2_instruct.params import (
     Params,
     ParamsError,
     RandomModelParams,
+    TokenizeParams,
     load_params,
     load_section,
     to_dict,
@@ -228,11 +229,6 @@ def test_not_a_mapping(tmp_path):
     assert "mapping" in _error(tmp_path, "finetune: 3\n")
 
 
-@pytest.mark.xfail(
-    reason="params._build sorts the unknown keys; keys of mixed types (YAML 1.1 reads "
-    "`on:` as True) raise TypeError instead of ParamsError",
-    strict=True,
-)
 def test_unknown_keys_of_mixed_types_are_a_params_error(tmp_path):
     message = _error(tmp_path, "finetune:\n  on: 1\n  foo: 2\n")
     assert "foo" in message
@@ -335,13 +331,16 @@ def test_run_stage_expected_error_in_body_exits_1(tmp_path, capsys):
     assert captured.err == "error: data/x: missing\n"
 
 
-@pytest.mark.xfail(
-    reason="load_params puts PyYAML's multi-line message into ParamsError, so run_stage "
-    "prints a multi-line error for invalid YAML (stage.py promises one line)",
-    strict=True,
-)
 def test_run_stage_invalid_yaml_is_one_error_line(tmp_path, capsys):
     code, captured, _ = _run_stage(tmp_path, "finetune: [\n", capsys)
     assert code == 1
     assert captured.err.startswith("error: ")
     assert len(captured.err.splitlines()) == 1
+
+
+def test_section_with_every_key_commented_out_means_the_defaults(tmp_path):
+    params = load_params(
+        _write(tmp_path, "tokenize:\n  # prompt_style: phi3\nfinetune:\n  epochs: 3\n")
+    )
+    assert params.tokenize == TokenizeParams()
+    assert params.finetune.epochs == 3

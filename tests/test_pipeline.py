@@ -481,11 +481,6 @@ def test_response_losses_equal_a_direct_computation(tiny_model):
     ) == pytest.approx(by_hand[:2], rel=1e-5)
 
 
-@pytest.mark.xfail(
-    reason="batching.collate masks targets[:prompt_length - 1]; with prompt_length 0 that is "
-    "targets[:-1], so every target but the EOS is masked instead of none",
-    strict=True,
-)
 def test_response_losses_with_an_empty_prompt_count_every_token(tiny_model):
     ids = [5, 6, 7, 8]
     split = TokenizedSplit.from_lists([ids], [0])

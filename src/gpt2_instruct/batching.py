@@ -99,7 +99,8 @@ def collate(
         inputs[row, :n] = tokens
         targets[row, : n - 1] = tokens[1:]
         targets[row, n - 1] = pad_id  # the EOS target
-        if prompt_lengths is not None:
+        if prompt_lengths is not None and prompt_lengths[row] > 1:
+            # Target j predicts token j + 1: mask those that predict prompt tokens.
             targets[row, : min(prompt_lengths[row], n) - 1] = IGNORE_INDEX
     return inputs, targets
 

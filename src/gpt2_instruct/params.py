@@ -226,6 +226,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ParamsError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
         return value
     if dataclasses.is_dataclass(hint):
+        if value is None:  # a section whose keys are all commented out: the defaults
+            value = {}
         if not isinstance(value, dict):
             raise ParamsError(f"{where}: expected a mapping, got {type(value).__name__}")
         return _build(hint, value, where)
@@ -252,7 +254,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 def _build(cls: type[T], raw: dict[str, Any], where: str) -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(map(str, set(raw) - names))
     if unknown:
         raise ParamsError(
             f"{where or 'top level'}: unknown key(s) {unknown}; valid keys: {sorted(names)}"
@@ -275,7 +277,8 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except FileNotFoundError as err:
         raise ParamsError(f"{path}: not found (run from the repository root)") from err
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML ({err})") from err
+        problem = " ".join(str(err).split())  # PyYAML's message spans lines; keep one
+        raise ParamsError(f"{path}: not valid YAML ({problem})") from err
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections")
     try:

@@ -24,6 +24,7 @@ from gpt2_instruct import evaluation, plots
 from gpt2_instruct.batching import TokenizedSplit, collate
 from gpt2_instruct.cli import load_instruct_model
 from gpt2_instruct.data import (
+    DataError,
     Entry,
     extract_response,
     find_duplicates,
@@ -87,13 +88,16 @@ def download(params: DownloadParams, out: Path) -> None:
 def prepare(params: PrepareParams, raw: Path, out_dir: Path, metrics: Path) -> dict[str, Any]:
     """Validate, split and write train/val/test; report duplicates and overlap (not fatal)."""
     entries = load_entries(raw)
-    split = split_entries(
-        entries,
-        train_fraction=params.train_fraction,
-        test_fraction=params.test_fraction,
-        shuffle=params.shuffle,
-        seed=params.seed,
-    )
+    try:
+        split = split_entries(
+            entries,
+            train_fraction=params.train_fraction,
+            test_fraction=params.test_fraction,
+            shuffle=params.shuffle,
+            seed=params.seed,
+        )
+    except ValueError as err:  # e.g. too few entries for a non-empty test split
+        raise DataError(f"{raw}: {err}") from err
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
             write_entries(tmp / f"{name}.json", getattr(split, name))

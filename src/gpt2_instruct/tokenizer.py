@@ -94,6 +94,9 @@ def _mergeable_ranks(encoding_dir: Path) -> dict[bytes, int]:
     ranks = {to_bytes(token, encoder_path): rank for token, rank in encoder.items()}
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{encoder_path}: token ids are not 0..{len(ranks) - 1} without gaps")
+    single_bytes = sorted(token for token, rank in ranks.items() if rank < 256)
+    if single_bytes != [bytes([b]) for b in range(256)]:
+        raise ValueError(f"{encoder_path}: ids 0..255 must be the 256 single bytes")
 
     merges = merges_path.read_text(encoding="utf-8").split("\n")[1:]  # first line: version
     merges = [line for line in merges if line]
