@@ -15,6 +15,7 @@ if __name__ == "__main__":
             "metrics": "metrics/train.json",
             "log": "metrics/train_log.tsv",
             "plot": "plots/loss.png",
+            "live": "dvclive",
         },
         lambda p, a: pipeline.finetune(
             p.finetune,
@@ -26,5 +27,6 @@ if __name__ == "__main__":
             a["metrics"],
             a["log"],
             a["plot"],
+            a["live"],
         ),
     )

@@ -165,6 +165,7 @@ def run(tmp_path_factory, bpe_dir):
             p.train_metrics,
             p.train_log,
             p.loss_plot,
+            p.root / "dvclive",
         )
         pipeline.generate_responses(
             GenerateParams(max_new_tokens=4, batch_size=3, device="cpu"),
@@ -357,6 +358,16 @@ def test_finetune_metrics_and_log(run):
         assert math.isfinite(float(row["train_loss"]))
         assert math.isfinite(float(row["val_loss"]))
     assert run.loss_plot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_finetune_logs_live_to_dvclive(run):
+    summary = json.loads((run.root / "dvclive/metrics.json").read_text(encoding="utf-8"))
+    rows = pipeline.read_tsv(run.train_log)
+    assert summary["val"]["loss"] == pytest.approx(float(rows[-1]["val_loss"]))
+    assert summary["tokens_seen"] == int(rows[-1]["tokens_seen"])
+    live_train = pipeline.read_tsv(run.root / "dvclive/plots/metrics/train/loss.tsv")
+    assert [int(r["step"]) for r in live_train] == [1, 2, 3]
+    assert not (run.root / "dvclive/dvc.yaml").exists()  # dvcyaml=False: plots are ours
 
 
 def test_finetune_removes_its_checkpoint_after_success(run):

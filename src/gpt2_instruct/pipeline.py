@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dvclive import Live
 
 from gpt2_instruct import evaluation, plots
 from gpt2_instruct.batching import TokenizedSplit, collate
@@ -249,6 +250,17 @@ def _configure_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _log_live(live: Live, row: dict[str, float]) -> None:
+    """One evaluation row as DVCLive metrics at the row's optimizer step."""
+    live.step = int(row["step"])
+    live.log_metric("train/loss", row["train_loss"])
+    live.log_metric("val/loss", row["val_loss"])
+    live.log_metric("lr", row["lr"])
+    live.log_metric("tokens_seen", row["tokens_seen"])
+    live.log_metric("tokens_per_second", row["tokens_seen"] / max(row["seconds"], 1e-9))
+    live.next_step()
+
+
 def finetune(
     params: FinetuneParams,
     tokenized: Path,
@@ -259,7 +271,9 @@ def finetune(
     metrics: Path,
     log_tsv: Path,
     loss_plot: Path,
+    live_dir: Path,
 ) -> dict[str, Any]:
+    """Fine-tune, logging live to DVCLive; write the model, the loss log, plot and metrics."""
     _configure_threads(params.threads)
     meta = json.loads((tokenized / "meta.json").read_text(encoding="utf-8"))
     train = TokenizedSplit.load(tokenized / "train.safetensors")
@@ -282,7 +296,11 @@ def finetune(
     checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC output even when none is written
     if trainer.load_checkpoint():
         _log(f"finetune: resumed from {checkpoints} at step {trainer.state.step}")
-    state = trainer.train()
+    with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+        for row in trainer.state.log:  # a resumed run re-logs what it restored
+            _log_live(live, row)
+        trainer.on_log = lambda row: _log_live(live, row)
+        state = trainer.train()
 
     with atomic_open(log_tsv) as handle:
         writer = csv.DictWriter(handle, LOG_FIELDS, delimiter="\t", lineterminator="\n")
