@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -173,49 +172,61 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> 
 
 RUN_SCRIPT = textwrap.dedent(
     """
-    import os, signal, sys, json, torch
+    import dataclasses, os, signal, sys, torch
     sys.path.insert(0, {tests!r})
     from test_training import TRAIN, VAL, PAD, RECIPE, fresh_model
-    import dataclasses
     from gpt2_instruct.training import Trainer
     torch.set_num_threads(1)
+    checkpoints, kill_at, sig, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     params = dataclasses.replace(RECIPE, checkpoint_every=2)
     trainer = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False,
-                      checkpoint_dir=sys.argv[1])
+                      checkpoint_dir=checkpoints)
     trainer.load_checkpoint()
-    kill_at = int(sys.argv[2])
     original = trainer.optimizer.step
     def step(*a, **k):
         if trainer.state.step + 1 == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)  # arrives in the middle of a step
         return original(*a, **k)
     trainer.optimizer.step = step
     state = trainer.train()
-    torch.save({{"model": trainer.model.state_dict(),
-                 "log": [{{k: v for k, v in r.items() if k != "seconds"}} for r in state.log]}},
-               sys.argv[3])
+    log = [{{k: v for k, v in r.items() if k != "seconds"}} for r in state.log]
+    torch.save({{"model": trainer.model.state_dict(), "log": log}}, out)
     """
 )
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupt_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, sig: int) -> None:
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
 
-    def run(ckpt: Path, kill_at: int, out: Path) -> int:
+    def run(ckpt: str, kill_at: int, out: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, str(script), str(ckpt), str(kill_at), str(out)],
-            env=env,
+            [
+                sys.executable,
+                str(script),
+                str(tmp_path / ckpt),
+                str(kill_at),
+                str(sig),
+                str(tmp_path / out),
+            ],
             timeout=120,
             check=False,
-        ).returncode
+            capture_output=True,
+            text=True,
+        )
 
-    assert run(tmp_path / "a", 0, tmp_path / "straight.pt") == 0
-    # Killed at step 6 of 9 in epoch 1 (checkpoint at step 4): mid-epoch, work after it is lost.
-    assert run(tmp_path / "b", 6, tmp_path / "never.pt") == -signal.SIGKILL
+    assert run("a", 0, "straight.pt").returncode == 0
+    # Interrupted in step 7 of 9 in epoch 1; checkpoints every 2 steps.
+    killed = run("b", 7, "never.pt")
+    assert killed.returncode != 0
     assert not (tmp_path / "never.pt").exists()
-    assert run(tmp_path / "b", 0, tmp_path / "resumed.pt") == 0
+    saved = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)
+    # SIGKILL loses the work since the step-6 checkpoint; SIGINT finishes step 7 and saves it.
+    assert saved["train_state"]["step"] == (6 if sig == signal.SIGKILL else 7)
+    if sig == signal.SIGINT:
+        assert "interrupted after step 7" in killed.stderr
+    assert run("b", 0, "resumed.pt").returncode == 0
     straight = torch.load(tmp_path / "straight.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert straight["log"] == resumed["log"]

@@ -95,7 +95,7 @@ def lr_at(
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
 
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return base_lr * ((step + 1) / warmup_steps)  # exactly base_lr at warmup_steps - 1
     if schedule == "constant":
         return base_lr
     min_lr = base_lr * min_lr_ratio

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +47,20 @@ class TrainState:
     target_tokens: int = 0  # positions whose target counts in the loss
     seconds: float = 0.0
     log: list[dict[str, float]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _deferred_sigint() -> Iterator[list[bool]]:
+    """Turn SIGINT into a flag checked between steps (main thread only; elsewhere a no-op)."""
+    flag: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.append(True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -209,7 +225,16 @@ class Trainer:
         return min(steps, self.params.max_steps) if self.params.max_steps else steps
 
     def train(self) -> TrainState:
-        """Train to the end (or ``max_steps``); returns the final state with the loss log."""
+        """Train to the end (or ``max_steps``); returns the final state with the loss log.
+
+        Ctrl-C (SIGINT) is honoured between steps: the step in flight finishes, a
+        checkpoint is written and ``KeyboardInterrupt`` is raised, so the run
+        resumes exactly where it stopped.
+        """
+        with _deferred_sigint() as interrupted:
+            return self._train(interrupted)
+
+    def _train(self, interrupted: list[bool]) -> TrainState:
         p, s = self.params, self.state
         self.model.train()
         bar = tqdm(
@@ -243,6 +268,11 @@ class Trainer:
                 )
             if p.checkpoint_every and s.step % p.checkpoint_every == 0:
                 self.save_checkpoint()
+            if interrupted:
+                bar.close()
+                self.save_checkpoint()
+                where = self.checkpoint_dir or "nowhere (no checkpoint directory)"
+                raise KeyboardInterrupt(f"interrupted after step {s.step}; checkpoint in {where}")
         bar.close()
         s.seconds = time.perf_counter() - started
         return s
