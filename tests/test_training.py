@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import signal
 import subprocess
 import sys
@@ -249,3 +251,77 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path) -> None:
     )
     assert same.load_checkpoint() is True
     assert same.state.step == 2
+
+
+def test_micro_batches_accumulate_the_full_batch_gradient() -> None:
+    full = Trainer(fresh_model(), TRAIN, VAL, RECIPE, pad_id=PAD, progress=False)
+    full.train()
+    micro_params = dataclasses.replace(RECIPE, micro_batch_size=2)
+    micro = Trainer(fresh_model(), TRAIN, VAL, micro_params, pad_id=PAD, progress=False)
+    state = micro.train()
+    for (name, a), b in zip(
+        full.model.state_dict().items(), micro.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5, msg=name)
+    assert state.tokens_seen < full.state.tokens_seen  # micro-batches carry less padding
+    assert state.target_tokens == full.state.target_tokens
+
+
+def test_warmup_cosine_schedule_is_applied_and_logged() -> None:
+    params = dataclasses.replace(
+        RECIPE, lr_schedule="cosine", warmup_steps=4, min_lr_ratio=0.1, eval_every=1
+    )
+    state = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False).train()
+    lrs = [row["lr"] for row in state.log]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
+    # Step 17 of 18: cosine almost down to min_lr_ratio * lr, computed by hand.
+    progress = (17 - 4) / (18 - 4)
+    expected_last = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * progress))
+    assert len(lrs) == 18
+    assert lrs[-1] == pytest.approx(expected_last)
+
+
+def test_gradient_clipping_bounds_the_update() -> None:
+    params = dataclasses.replace(RECIPE, grad_clip=1e-3, eval_every=1, max_steps=3)
+    trainer = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False)
+    state = trainer.train()
+    assert all(row["grad_norm"] > 1e-3 for row in state.log)  # the norm before clipping
+    unclipped = Trainer(
+        fresh_model(),
+        TRAIN,
+        VAL,
+        dataclasses.replace(params, grad_clip=None),
+        pad_id=PAD,
+        progress=False,
+    )
+    unclipped.train()
+    assert not torch.equal(trainer.model.tok_emb.weight, unclipped.model.tok_emb.weight)
+
+
+def test_lora_trains_adapters_only_and_exports_a_plain_gpt2(tmp_path: Path) -> None:
+    from gpt2_instruct.params import LoRAParams
+    from gpt2_instruct.weights import load_model, save_model
+
+    params = dataclasses.replace(
+        RECIPE,
+        max_steps=4,
+        lora=LoRAParams(rank=4, alpha=8.0, dropout=0.0, targets=("attn_qkv", "ff_fc")),
+    )
+    base = fresh_model()
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    trainer = Trainer(base, TRAIN, VAL, params, pad_id=PAD, progress=False)
+    per_block = 4 * (16 + 48) + 4 * (16 + 64)
+    assert trainer.trainable_parameters == CONFIG.n_layer * per_block
+    trainer.train()
+    idx = torch.tensor([TRAIN[0]])
+    with torch.no_grad():
+        adapted = trainer.model(idx)
+    exported = trainer.export_model()
+    assert set(exported.state_dict()) == set(original)
+    save_model(exported, tmp_path)
+    reloaded = load_model(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx), adapted, rtol=0, atol=1e-5)
+    changed = [k for k, v in reloaded.state_dict().items() if not torch.equal(v, original[k])]
+    assert changed and all(".attn.qkv.weight" in k or ".ff.fc.weight" in k for k in changed)

@@ -79,7 +79,7 @@ def test_config_disagreeing_with_tensors(checkpoint: Path) -> None:
     config = config_to_hf(CONFIG)
     config["n_embd"] = 16
     (checkpoint / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(WeightsError, match="expected .* for the config in"):
+    with pytest.raises(WeightsError, match=r"expected .* for the config in"):
         load_model(checkpoint)
 
 
@@ -115,7 +115,7 @@ def test_bad_config_values(checkpoint: Path, change: dict, message: str) -> None
 
 
 def test_missing_and_broken_config(tmp_path: Path, checkpoint: Path) -> None:
-    with pytest.raises(WeightsError, match="config.json: not found"):
+    with pytest.raises(WeightsError, match=r"config\.json: not found"):
         load_model(tmp_path / "nowhere")
     (checkpoint / CONFIG_NAME).write_text("{not json")
     with pytest.raises(WeightsError, match="not valid JSON"):

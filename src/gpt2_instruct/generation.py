@@ -103,7 +103,7 @@ def generate(
     # Padding queries attend to themselves only, so no row of the mask is empty.
     mask = (causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
     hidden = model.hidden_states(idx, position_ids=positions, cache=cache, attn_mask=mask[:, None])
-    logits = torch.nn.functional.linear(hidden[:, -1], model.out_head_weight)  # (B, V)
+    logits = model.head(hidden[:, -1])  # (B, V)
 
     generator = None
     if sampling.temperature > 0:
@@ -134,7 +134,7 @@ def generate(
         hidden = model.hidden_states(
             tokens[:, None], position_ids=next_pos[:, None], cache=cache, attn_mask=step_mask
         )
-        logits = torch.nn.functional.linear(hidden[:, -1], model.out_head_weight)
+        logits = model.head(hidden[:, -1])
         next_pos = next_pos + 1
     return outputs
 

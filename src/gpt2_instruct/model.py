@@ -200,6 +200,7 @@ class GPTModel(nn.Module):
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.final_norm = LayerNorm(config.n_embd, config.layer_norm_eps)
+        self.head_lora: nn.Module | None = None  # set by lora.apply_lora(targets=[..., "head"])
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at initialisation.
         for name, param in self.named_parameters():
@@ -219,6 +220,11 @@ class GPTModel(nn.Module):
     def out_head_weight(self) -> torch.Tensor:
         """The output projection is the token embedding (weight tying)."""
         return self.tok_emb.weight
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (..., V) for final hidden states (..., C)."""
+        logits = F.linear(hidden, self.out_head_weight)
+        return logits if self.head_lora is None else logits + self.head_lora(hidden)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -251,9 +257,11 @@ class GPTModel(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T)."""
-        return F.linear(self.hidden_states(idx), self.out_head_weight)
+        return self.head(self.hidden_states(idx))
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, idx: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean"
+    ) -> torch.Tensor:
         """Mean next-token cross-entropy over targets that are not ``IGNORE_INDEX``.
 
         Equals ``F.cross_entropy(self(idx).flatten(0, 1), targets.flatten())`` but
@@ -262,14 +270,14 @@ class GPTModel(nn.Module):
         """
         hidden = self.hidden_states(idx)  # (B, T, C)
         keep = targets != IGNORE_INDEX  # (B, T)
-        logits = F.linear(hidden[keep], self.out_head_weight)  # (N, V)
-        return F.cross_entropy(logits.float(), targets[keep])
+        logits = self.head(hidden[keep])  # (N, V)
+        return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
     def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position cross-entropy (B, T), zero where the target is ignored."""
         hidden = self.hidden_states(idx)
         keep = targets != IGNORE_INDEX
         losses = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-        logits = F.linear(hidden[keep], self.out_head_weight)
+        logits = self.head(hidden[keep])
         losses[keep] = F.cross_entropy(logits.float(), targets[keep], reduction="none")
         return losses

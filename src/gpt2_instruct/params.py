@@ -107,14 +107,39 @@ class FetchParams:
 
 
 @dataclass(frozen=True)
+class LoRAParams:
+    """Low-rank adapters; rank 0 trains every weight (the reference). Update = alpha/rank * BA."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("attn_qkv", "attn_out", "ff_fc", "ff_proj")
+
+    def __post_init__(self) -> None:
+        valid = ("attn_qkv", "attn_out", "ff_fc", "ff_proj", "head")
+        _check(self.rank >= 0, "rank must be >= 0 (0: no LoRA)")
+        _check(self.alpha > 0, "alpha must be > 0")
+        _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
+        _check(bool(self.targets), "targets must not be empty")
+        unknown = [t for t in self.targets if t not in valid]
+        _check(not unknown, f"unknown targets {unknown}; valid: {list(valid)}")
+
+
+@dataclass(frozen=True)
 class FinetuneParams:
     """The reference recipe by default (Raschka, ch. 7); every deviation is a knob here."""
 
     seed: int = 123
     epochs: int = 2
     batch_size: int = 8
+    micro_batch_size: int | None = None
     lr: float = 5.0e-5
     weight_decay: float = 0.1
+    decay_norms_and_biases: bool = True
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
     max_length: int = 1024
     dropout: float = 0.0
     eval_every: int = 5
@@ -128,10 +153,19 @@ class FinetuneParams:
     checkpoint_every: int = 50
     device: str = "auto"
     threads: int | None = None
+    lora: LoRAParams = field(default_factory=LoRAParams)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs must be > 0")
         _check(self.batch_size > 0, "batch_size must be > 0")
+        _check(
+            self.micro_batch_size is None
+            or (self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size == 0),
+            "micro_batch_size must divide batch_size (or be null: no accumulation)",
+        )
+        _check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or null")
         _check(self.lr > 0, "lr must be > 0")
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
         _check(self.max_length > 1, "max_length must be > 1")
@@ -221,6 +255,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ParamsError:
                 continue
         raise ParamsError(f"{where}: {value!r} does not match {hint}")
+    if origin is tuple:  # tuple[X, ...]: a YAML list
+        if not isinstance(value, list | tuple):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         if value not in typing.get_args(hint):
             raise ParamsError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")

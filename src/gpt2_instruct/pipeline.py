@@ -64,6 +64,7 @@ LOG_FIELDS = (
     "val_loss",
     "batch_loss",
     "lr",
+    "grad_norm",
     "seconds",
 )
 
@@ -256,6 +257,8 @@ def _log_live(live: Live, row: dict[str, float]) -> None:
     live.log_metric("train/loss", row["train_loss"])
     live.log_metric("val/loss", row["val_loss"])
     live.log_metric("lr", row["lr"])
+    if row.get("grad_norm") is not None:
+        live.log_metric("grad_norm", row["grad_norm"])
     live.log_metric("tokens_seen", row["tokens_seen"])
     live.log_metric("tokens_per_second", row["tokens_seen"] / max(row["seconds"], 1e-9))
     live.next_step()
@@ -316,7 +319,7 @@ def finetune(
         }
     }
     with atomic_dir(model_out) as tmp:
-        save_model(trainer.model, tmp, extra_config=extra)
+        save_model(trainer.export_model(), tmp, extra_config=extra)
         for name in (ENCODER_JSON, VOCAB_BPE):
             shutil.copyfile(encoding_dir / name, tmp / name)
     trainer.remove_checkpoint()
@@ -332,6 +335,7 @@ def finetune(
         "train_seconds": round(state.seconds, 2),
         "tokens_per_second": round(state.tokens_seen / max(state.seconds, 1e-9), 1),
         "parameters": model.num_parameters(),
+        "trainable_parameters": trainer.trainable_parameters,
     }
     write_json(metrics, report)
     _log(f"finetune: {report}")

@@ -11,6 +11,7 @@ validation batches collated once, inference mode for evaluation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -25,7 +26,9 @@ from tqdm import tqdm
 
 from gpt2_instruct.batching import BatchOrder, TokenizedSplit, collate
 from gpt2_instruct.io import atomic_path
-from gpt2_instruct.model import GPTModel
+from gpt2_instruct.lora import apply_lora, has_lora, merge_lora, trainable_parameters
+from gpt2_instruct.model import IGNORE_INDEX, GPTModel
+from gpt2_instruct.optim import apply_lr, build_optimizer, lr_at
 from gpt2_instruct.params import FinetuneParams
 
 CHECKPOINT_NAME = "last.pt"
@@ -103,10 +106,19 @@ class Trainer:
         self.order = BatchOrder(
             train.lengths, params.batch_size, seed=params.seed, mode=params.batch_order
         )
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(),
+        lora = params.lora
+        if lora.rank:
+            apply_lora(
+                self.model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                targets=lora.targets,
+            )  # fmt: skip
+        self.trainable_parameters = trainable_parameters(self.model)
+        self.last_grad_norm: float | None = None  # before clipping; only when clipping
+        self.optimizer = build_optimizer(
+            self.model,
             lr=params.lr,
             weight_decay=params.weight_decay,
+            decay_norms_and_biases=params.decay_norms_and_biases,
             fused=params.fused_optimizer or None,
         )
         self.state = TrainState()
@@ -176,7 +188,7 @@ class Trainer:
             "order_rng": self.order.state(),
             "torch_rng": torch.get_rng_state(),
             "train_state": vars(self.state),
-            "params": vars(self.params),
+            "params": dataclasses.asdict(self.params),
         }
         with atomic_path(self.checkpoint_dir / CHECKPOINT_NAME) as tmp:
             torch.save(state, tmp)
@@ -195,7 +207,7 @@ class Trainer:
             return False
         state = torch.load(path, map_location=self.device, weights_only=True)
         saved = dict(state["params"])
-        current = vars(self.params)
+        current = dataclasses.asdict(self.params)
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
             print(f"{path}: params changed ({', '.join(changed)}); starting afresh")
@@ -244,25 +256,32 @@ class Trainer:
         for indices in self._batches():
             if s.step >= self.total_steps:
                 break
-            inputs, targets = self._collate(indices, self.train_split)
-            with autocast(self.device, p.precision):
-                loss = self.model.loss(inputs, targets)
-            if not torch.isfinite(loss):
+            lr = lr_at(
+                s.step, base_lr=p.lr, warmup_steps=p.warmup_steps,
+                total_steps=self.total_steps, schedule=p.lr_schedule,
+                min_lr_ratio=p.min_lr_ratio,
+            )  # fmt: skip
+            apply_lr(self.optimizer, lr)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, positions, counted = self._forward_backward(indices)
+            if not math.isfinite(loss):
                 raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {s.step + 1} (epoch {s.epoch + 1}); "
+                    f"loss is {loss} at step {s.step + 1} (epoch {s.epoch + 1}); "
                     "the last good checkpoint is kept"
                 )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if p.grad_clip is not None:
+                self.last_grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(self._trainable, p.grad_clip)
+                )
             self.optimizer.step()
             s.batch_in_epoch += 1
             s.step += 1
-            s.tokens_seen += inputs.numel()
-            s.target_tokens += int((targets != -100).sum())
+            s.tokens_seen += positions
+            s.target_tokens += counted
             s.seconds = time.perf_counter() - started
             bar.update(1)
             if (s.step - 1) % p.eval_every == 0:  # the reference evaluates at steps 0, 5, ...
-                self._log(loss.item())
+                self._log(loss, lr)
                 bar.set_postfix(
                     train=f"{s.log[-1]['train_loss']:.3f}", val=f"{s.log[-1]['val_loss']:.3f}"
                 )
@@ -277,7 +296,44 @@ class Trainer:
         s.seconds = time.perf_counter() - started
         return s
 
-    def _log(self, batch_loss: float) -> None:
+    def _forward_backward(self, indices: list[int]) -> tuple[float, int, int]:
+        """Gradients of the batch's mean loss; (loss, input positions, counted targets).
+
+        Without micro-batches this is the reference's step. With them, each
+        micro-batch is padded on its own and its summed loss is divided by the
+        whole batch's target count, so the gradient is the full batch's.
+        """
+        p = self.params
+        if p.micro_batch_size is None or p.micro_batch_size >= len(indices):
+            inputs, targets = self._collate(indices, self.train_split)
+            with autocast(self.device, p.precision):
+                loss = self.model.loss(inputs, targets)
+            loss.backward()
+            return loss.item(), inputs.numel(), int((targets != IGNORE_INDEX).sum())
+        micro = [
+            self._collate(indices[i : i + p.micro_batch_size], self.train_split)
+            for i in range(0, len(indices), p.micro_batch_size)
+        ]
+        counted = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
+        total = 0.0
+        for inputs, targets in micro:
+            with autocast(self.device, p.precision):
+                loss = self.model.loss(inputs, targets, reduction="sum") / counted
+            loss.backward()
+            total += loss.item()
+        return total, sum(x.numel() for x, _ in micro), counted
+
+    @property
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [q for q in self.model.parameters() if q.requires_grad]
+
+    def export_model(self) -> GPTModel:
+        """The trained model with any LoRA adapters merged: a plain GPT-2 again."""
+        if has_lora(self.model):
+            merge_lora(self.model)
+        return self.model
+
+    def _log(self, batch_loss: float, lr: float) -> None:
         s = self.state
         train_loss, val_loss = self.evaluate()
         row = {
@@ -287,7 +343,8 @@ class Trainer:
             "train_loss": train_loss,
             "val_loss": val_loss,
             "batch_loss": batch_loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
+            "grad_norm": self.last_grad_norm,
             "seconds": s.seconds,
         }
         s.log.append(row)

@@ -1,0 +1,344 @@
+"""Projected wall-clock time of the default ``dvc repro`` from a few measured steps.
+
+Measures, with random weights of the chosen shape (default gpt2-medium) and
+the default recipe (``FinetuneParams()`` apart from the options given):
+
+* train step: N real steps through ``Trainer.train`` (max_steps=N, eval every
+  5 steps as the recipe does, no checkpoints, no progress bar). Step ends are
+  stamped by an optimizer post-step hook and every ``Trainer.evaluate`` call is
+  timed, so evaluation time is taken out of the step times. The first step
+  (first-touch allocations, first epoch shuffle) is reported but left out of
+  the mean when N >= 2;
+* evaluation: the in-loop evaluations plus ``--eval-repeats`` extra
+  ``trainer.evaluate()`` calls (5 train + 5 validation batches each);
+* checkpoint: one ``Trainer.save_checkpoint`` (model + AdamW state) to a temp dir;
+* generation: K test prompts in one batch of min(K, 16) (generate.batch_size),
+  greedy, once with max_new_tokens=1 (prefill) and once with 256;
+* model load (``load_model``), save (``save_model``), and the start-up of one
+  stage process (``python -c "import gpt2_instruct.pipeline"``).
+
+Then projects: 2 epochs x 116 batches = 232 steps; ceil(232 / 5) = 47 in-loop
+evaluations + 1 final one in ``finetune``; checkpoints every 50 steps and at
+each epoch end; 110 test answers; the evaluate stage's forward passes over the
+test split (14 batches of 8, priced as an evaluation batch); 5 model loads
+(fetch_gpt2 x2, finetune, generate, evaluate), 1 save, and one process
+start-up per DVC stage. Downloads and DVC's own hashing are not included.
+
+    python bench/pipeline.py --model gpt2-medium --steps 4 --gen-prompts 16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from common import (
+    REPO_ROOT,
+    base_parser,
+    build_model,
+    load_data,
+    log,
+    machine_info,
+    mean,
+    peak_rss_gb,
+    print_result,
+    resolve_device,
+    set_threads,
+    sync,
+    timed,
+)
+
+from gpt2_instruct.generation import SamplingConfig, generate
+from gpt2_instruct.params import EvaluateParams, FinetuneParams, GenerateParams
+from gpt2_instruct.training import Trainer
+from gpt2_instruct.weights import load_model, save_model
+
+MODEL_LOADS = 5  # fetch_gpt2 (2: check + vocabulary check), finetune, generate, evaluate
+MODEL_SAVES = 1  # finetune's data/model (fetch_gpt2 writes downloaded files: not timed)
+
+
+def dvc_stage_count() -> int:
+    try:
+        return len(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return 7
+
+
+def stage_startup_s() -> float:
+    """Seconds for a fresh interpreter to import what a stage imports."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import gpt2_instruct.pipeline"], check=True)
+    return time.perf_counter() - started
+
+
+def evaluations_in(total_steps: int, eval_every: int) -> int:
+    """In-loop evaluations: the trainer evaluates after steps 1, 1 + eval_every, ..."""
+    return sum(1 for step in range(1, total_steps + 1) if (step - 1) % eval_every == 0)
+
+
+def checkpoints_in(total_steps: int, every: int, epochs: int) -> int:
+    periodic = total_steps // every if every else 0
+    return periodic + epochs  # plus one at the end of each epoch
+
+
+def time_training(trainer: Trainer, device: torch.device) -> dict[str, Any]:
+    """Run ``trainer.train()``; per-step seconds without evaluation, and evaluation seconds."""
+    stamps: list[float] = []
+    evals: list[tuple[float, float]] = []
+
+    def stamp(*_: Any) -> None:
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    original = trainer.evaluate
+
+    def timed_evaluate() -> tuple[float, float]:
+        sync(device)
+        start = time.perf_counter()
+        result = original()
+        sync(device)
+        evals.append((start, time.perf_counter()))
+        return result
+
+    handle = trainer.optimizer.register_step_post_hook(stamp)
+    trainer.evaluate = timed_evaluate  # type: ignore[method-assign]
+    sync(device)
+    started = time.perf_counter()
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+        trainer.evaluate = original  # type: ignore[method-assign]
+    total = time.perf_counter() - started
+    bounds = [started, *stamps]
+    steps = []
+    for begin, end in zip(bounds, bounds[1:], strict=False):
+        inside = sum(b - a for a, b in evals if begin <= a and b <= end)
+        steps.append(end - begin - inside)
+    return {
+        "train_wall_s": total,
+        "step_times": steps,
+        "eval_times": [b - a for a, b in evals],
+    }
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n\n")[0], default_model="gpt2-medium")
+    parser.add_argument("--steps", type=int, default=4, help="measured training steps")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--eval-train", choices=("reference", "fixed"), default="reference")
+    parser.add_argument(
+        "--batch-order", choices=("reference", "length_grouped"), default="reference"
+    )
+    parser.add_argument(
+        "--eval-repeats", type=int, default=0, help="extra evaluate() calls after training"
+    )
+    parser.add_argument(
+        "--gen-prompts", type=int, default=16, help="test prompts timed (one batch of <= 16)"
+    )
+    parser.add_argument(
+        "--gen-max-new-tokens", type=int, default=GenerateParams().max_new_tokens
+    )
+    parser.add_argument(
+        "--answer-slack",
+        type=int,
+        default=3,
+        help="tokens added to each reference answer length for the realistic projection",
+    )
+    parser.add_argument(
+        "--no-checkpoint", action="store_true", help="do not time a checkpoint save"
+    )
+    args = parser.parse_args()
+    if args.steps < 1 or args.gen_prompts < 1 or args.eval_repeats < 0:
+        parser.error("--steps and --gen-prompts must be >= 1, --eval-repeats >= 0")
+
+    device = resolve_device(args.device)
+    threads = set_threads(args.threads)
+    data = load_data(args.data_dir, synthetic=args.synthetic)
+    recipe = FinetuneParams()
+    params = dataclasses.replace(
+        recipe,
+        max_steps=args.steps,
+        precision=args.dtype,
+        eval_train=args.eval_train,
+        batch_order=args.batch_order,
+        device=str(device),
+        checkpoint_every=0,
+    )
+    parts: dict[str, float] = {}
+    measured: dict[str, Any] = {}
+
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        base = Path(tmp) / "base"
+        model = build_model(args.model, args.seed)
+        measured["model_save_s"], _ = timed(lambda: save_model(model, base), device)
+        del model
+        measured["model_load_s"], model = timed(lambda: load_model(base), device)
+        log(f"save {measured['model_save_s']:.2f} s, load {measured['model_load_s']:.2f} s")
+
+        measured["trainer_setup_s"], trainer = timed(
+            lambda: Trainer(
+                model,
+                data.train,
+                data.val,
+                params,
+                pad_id=data.pad_id,
+                device=device,
+                checkpoint_dir=None,
+                progress=False,
+            ),
+            device,
+        )
+        log(f"train: {args.steps} steps ({params.eval_every=}, {args.eval_train=})")
+        run = time_training(trainer, device)
+        steps = run["step_times"]
+        step_s = mean(steps[1:]) if len(steps) > 1 else steps[0]
+        evals = list(run["eval_times"])
+        for i in range(args.eval_repeats):
+            log(f"evaluate: extra call {i + 1}/{args.eval_repeats}")
+            evals.append(timed(trainer.evaluate, device)[0])
+        eval_s = mean(evals)
+        log(f"train: {step_s:.2f} s/step, {eval_s:.2f} s/evaluation")
+
+        checkpoint_s = None
+        if not args.no_checkpoint:
+            trainer.checkpoint_dir = Path(tmp) / "checkpoints"
+            checkpoint_s, _ = timed(trainer.save_checkpoint, device)
+            trainer.remove_checkpoint()
+            trainer.checkpoint_dir = None
+            log(f"checkpoint: {checkpoint_s:.2f} s")
+
+        # ---------------------------------------------------------- generation
+        gen_batch = min(args.gen_prompts, GenerateParams().batch_size, len(data.test_prompts))
+        prompts = data.test_prompts[:gen_batch]
+        model = trainer.model
+        max_new = args.gen_max_new_tokens
+        eos = data.pad_id
+        generate(model, prompts[:1], eos_id=eos, sampling=SamplingConfig(max_new_tokens=2))
+        prefill_s, _ = timed(
+            lambda: generate(model, prompts, eos_id=eos, sampling=SamplingConfig(max_new_tokens=1)),
+            device,
+        )
+        log(f"generate: {len(prompts)} prompts x {max_new} new tokens")
+        full_s, outputs = timed(
+            lambda: generate(
+                model, prompts, eos_id=eos, sampling=SamplingConfig(max_new_tokens=max_new)
+            ),
+            device,
+        )
+        decode_step_s = (full_s - prefill_s) / max(1, max_new - 1)
+        longest = max(len(o) for o in outputs)
+        log(f"generate: prefill {prefill_s:.2f} s, {full_s:.2f} s for {longest} tokens")
+
+    # -------------------------------------------------------------- projection
+    epochs = recipe.epochs
+    batches_per_epoch = len(data.train) // recipe.batch_size
+    total_steps = epochs * batches_per_epoch
+    n_evals = evaluations_in(total_steps, recipe.eval_every) + 1  # + finetune's final one
+    n_checkpoints = checkpoints_in(total_steps, recipe.checkpoint_every, epochs)
+    n_test = len(data.test_prompts)
+    gen_batches = math.ceil(n_test / gen_batch)
+    # Realistic: the test prompts sorted by length in batches, each decoding until its
+    # longest answer (reference answer length + slack + EOS) is done.
+    order = sorted(range(n_test), key=lambda i: len(data.test_prompts[i]))
+    steps_per_batch = [
+        min(
+            max_new,
+            max(data.test_answer_lengths[i] for i in order[s : s + gen_batch])
+            + 1
+            + args.answer_slack,
+        )
+        for s in range(0, n_test, gen_batch)
+    ]
+    startup_s = stage_startup_s()
+    n_stages = dvc_stage_count()
+    eval_batches = 2 * recipe.eval_batches
+    test_batches = math.ceil(n_test / EvaluateParams().batch_size)
+
+    parts["train_steps_s"] = total_steps * step_s
+    parts["evaluations_s"] = n_evals * eval_s
+    parts["checkpoints_s"] = n_checkpoints * checkpoint_s if checkpoint_s is not None else 0.0
+    parts["generation_upper_bound_s"] = gen_batches * full_s
+    parts["evaluate_stage_s"] = test_batches * eval_s / eval_batches
+    parts["model_io_s"] = (
+        MODEL_LOADS * measured["model_load_s"] + MODEL_SAVES * measured["model_save_s"]
+    )
+    parts["stage_startup_s"] = n_stages * startup_s
+    parts["trainer_setup_s"] = measured["trainer_setup_s"]
+    generation_real_s = sum(prefill_s + n * decode_step_s for n in steps_per_batch)
+    total_upper = sum(parts.values())
+    total_real = total_upper - parts["generation_upper_bound_s"] + generation_real_s
+
+    method = (
+        f"{total_steps} steps ({epochs} epochs x {batches_per_epoch} batches) x measured "
+        f"s/step (mean of steps 2..N of {len(steps)}, evaluation time removed) + {n_evals} "
+        f"evaluations ({n_evals - 1} in-loop every {recipe.eval_every} steps + 1 final) x "
+        f"measured s/evaluation + {n_checkpoints} checkpoint saves + generation of {n_test} "
+        f"answers as {gen_batches} batches of {gen_batch} x the measured time of one batch "
+        f"decoding all {max_new} tokens (random weights never emit EOS: upper bound; "
+        "'projected_total_real_answers_s' uses per-batch prefill + decode steps for the "
+        f"longest reference answer + {args.answer_slack} tokens) + evaluate stage forward "
+        f"({test_batches} batches, priced as 1/{eval_batches} evaluation) + {MODEL_LOADS} model "
+        f"loads + {MODEL_SAVES} save + {n_stages} stage start-ups. Downloads and DVC hashing "
+        "excluded; with fewer than 16 timed prompts generation is priced at a smaller batch."
+    )
+    result: dict[str, Any] = {
+        "benchmark": "pipeline",
+        "projected_total_s": total_upper,
+        "projected_total_real_answers_s": total_real,
+        "projected_total_h": total_upper / 3600,
+        "parts": parts,
+        "generation_real_answers_s": generation_real_s,
+        "step_s": step_s,
+        "first_step_s": steps[0],
+        "step_times_s": steps,
+        "eval_s": eval_s,
+        "eval_times_s": evals,
+        "checkpoint_s": checkpoint_s,
+        "gen_prefill_s": prefill_s,
+        "gen_batch_s": full_s,
+        "gen_decode_step_s": decode_step_s,
+        "gen_batch_size": gen_batch,
+        "gen_max_new_tokens": max_new,
+        "gen_longest_answer_tokens": longest,
+        "answer_tokens_mean": mean(data.test_answer_lengths),
+        "answer_steps_per_batch": steps_per_batch,
+        "model_load_s": measured["model_load_s"],
+        "model_save_s": measured["model_save_s"],
+        "stage_startup_s": startup_s,
+        "train_wall_s": run["train_wall_s"],
+        "counts": {
+            "train_steps": total_steps,
+            "evaluations": n_evals,
+            "checkpoints": n_checkpoints,
+            "generation_batches": gen_batches,
+            "evaluate_batches": test_batches,
+            "model_loads": MODEL_LOADS,
+            "model_saves": MODEL_SAVES,
+            "stages": n_stages,
+        },
+        "peak_rss_gb": peak_rss_gb(),
+        "method": method,
+        "model": args.model,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "eval_train": args.eval_train,
+        "batch_order": args.batch_order,
+        "gen_prompts": args.gen_prompts,
+        "data": data.source,
+        "threads": threads,
+        **machine_info(device),
+    }
+    print_result(result)
+
+
+if __name__ == "__main__":
+    main()
