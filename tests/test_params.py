@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_YAML = REPO_ROOT / "params.yaml"
 DVC_YAML = REPO_ROOT / "dvc.yaml"
 SECTIONS = [f.name for f in dataclasses.fields(Params)]
-PIPELINE_DIRS = ("data/", "metrics/", "plots/")
+PIPELINE_DIRS = ("data/", "metrics/", "plots/", "dvclive")
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -54,6 +54,8 @@ def _stage_paths(spec: dict) -> set[str]:
     for key in ("deps", "outs", "metrics", "plots"):
         for item in spec.get(key, []):
             paths.update([item] if isinstance(item, str) else item)
+    # DVCLive's files are declared one by one; the script is given their directory.
+    paths = {"dvclive" if p.startswith("dvclive/") else p for p in paths}
     return {p for p in paths if p.startswith(PIPELINE_DIRS)}
 
 
