@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import http.server
 import json
 import math
+import socket
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +34,7 @@ from gpt2_instruct.params import (
     FetchParams,
     FinetuneParams,
     GenerateParams,
+    JudgeParams,
     PrepareParams,
     RandomModelParams,
     TokenizeParams,
@@ -570,3 +574,64 @@ def test_download_and_prepare_the_real_data_set(shared_data, tmp_path):
     assert isinstance(report["test_prompts_seen_in_train"], int)
     assert isinstance(report["duplicate_pairs"], int)
     assert len(load_entries(tmp_path / "data/prepared/test.json")) == 110
+
+
+class _FakeOllama(http.server.BaseHTTPRequestHandler):
+    """Scores every answer 42, except one reply that is garbage."""
+
+    calls = 0
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == "/api/chat" and body["stream"] is False
+        type(self).calls += 1
+        reply = "no idea" if type(self).calls == 2 else "42"
+        data = json.dumps({"message": {"role": "assistant", "content": reply}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _evaluate_with_judge(run, tmp_path, url: str) -> dict:
+    judge = JudgeParams(backend="ollama", url=url, timeout=5.0, retries=0)
+    return pipeline.evaluate(
+        EvaluateParams(device="cpu", judge=judge),
+        run.responses,
+        run.model,
+        run.tokenized,
+        tmp_path / "eval.json",
+        tmp_path / "per_entry.csv",
+        tmp_path / "plots",
+    )
+
+
+def test_evaluate_with_a_judge_server(run, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOllama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        summary = _evaluate_with_judge(run, tmp_path, f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    n = summary["count"]
+    assert summary["judge_count"] == n - 1 and summary["judge_unparseable"] == 1
+    assert summary["judge_mean"] == 42
+    assert math.isfinite(summary["rougeL"])  # offline metrics are still there
+    rows = list(csv.DictReader((tmp_path / "per_entry.csv").open(encoding="utf-8")))
+    assert [r["judge_score"] for r in rows].count("42") == n - 1
+    assert (tmp_path / "plots/judge_histogram.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_evaluate_without_a_judge_server_still_writes_offline_metrics(run, tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    summary = _evaluate_with_judge(run, tmp_path, f"http://127.0.0.1:{port}")
+    assert "could not reach" in summary["judge_error"]
+    assert summary["judge_count"] == 0
+    saved = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
+    assert saved["count"] == summary["count"] and math.isfinite(saved["rougeL"])

@@ -436,6 +436,7 @@ def evaluate(
     rows, summary = evaluation.score_entries(entries, losses)
     summary = dict(summary)
 
+    plots_dir.mkdir(parents=True, exist_ok=True)
     if params.judge.backend != "none":
         from gpt2_instruct.judge import JudgeConfig, judge_entries
 
@@ -449,13 +450,19 @@ def evaluate(
             api_key_env=params.judge.api_key_env,
         )
         judged, judge_summary = judge_entries(entries, judge_cfg, progress=True)
-        for row, verdict in zip(rows, judged, strict=True):
-            row["judge_score"] = verdict["score"]
-            row["judge_reply"] = verdict["reply"]
+        verdicts = {verdict["index"]: verdict for verdict in judged}  # may stop early
+        for row in rows:
+            verdict = verdicts.get(row["index"], {})
+            row["judge_score"] = verdict.get("score")
+            row["judge_reply"] = verdict.get("reply", "")
         summary.update(judge_summary)
+        scores = [row["judge_score"] for row in rows if row["judge_score"] is not None]
+        if scores:
+            plots.plot_score_histogram(
+                scores, plots_dir / "judge_histogram.png", label="judge score (0-100)"
+            )
 
     evaluation.write_per_entry_csv(per_entry_csv, rows)
-    plots_dir.mkdir(parents=True, exist_ok=True)
     rouge = [row["rougeL"] for row in rows]
     plots.plot_score_histogram(rouge, plots_dir / "rougeL_histogram.png", label="ROUGE-L F1")
     plots.plot_per_entry_scores(rouge, plots_dir / "rougeL_per_entry.png", label="ROUGE-L F1")
