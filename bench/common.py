@@ -150,7 +150,7 @@ def matmul_peak(
 ) -> tuple[float, int]:
     """(best achieved GFLOP/s, size used) of square matmuls, 2 * size**3 FLOPs each.
 
-    A 256 x 256 probe first: where one ``size`` product would take longer than
+    A 512 x 512 probe first: where one ``size`` product would take longer than
     ``max_seconds`` (bf16 on a CPU without bf16 instructions runs at ~1 GFLOP/s)
     the size is halved until it would not. Then two warm-up products and
     ``repeats`` timed rounds; a round runs enough products to last ~50 ms and
@@ -163,9 +163,9 @@ def matmul_peak(
         b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
         return a, b
 
-    probe = min(size, 256)
+    probe = min(size, 512)
     a, b = operands(probe)
-    estimate = min(timed(lambda: a @ b, device)[0] for _ in range(2)) * (size / probe) ** 3
+    estimate = min(timed(lambda: a @ b, device)[0] for _ in range(3)) * (size / probe) ** 3
     while size > probe and estimate > max_seconds:
         size //= 2
         estimate /= 8
@@ -260,9 +260,7 @@ def _reference_data(data_dir: Path) -> BenchData:
         train=splits["train"],
         val=splits["val"],
         test=splits["test"],
-        test_prompts=[
-            tokenizer.encode(generation_prompt(e, "alpaca", False)) for e in split.test
-        ],
+        test_prompts=[tokenizer.encode(generation_prompt(e, "alpaca", False)) for e in split.test],
         test_answer_lengths=[len(tokenizer.encode(e.output)) for e in split.test],
         pad_id=tokenizer.eot_id,
     )
@@ -295,7 +293,9 @@ def _synthetic_data(seed: int = 0) -> BenchData:
         train=train,
         val=val,
         test=test,
-        test_prompts=[torch.randint(0, EOS_ID, (k,), generator=gen).tolist() for k in prompt_lengths],
+        test_prompts=[
+            torch.randint(0, EOS_ID, (k,), generator=gen).tolist() for k in prompt_lengths
+        ],
         test_answer_lengths=_clipped_exponential(110, 2, 46, 10.0, gen),  # reference mean 12.2
     )
 

@@ -12,7 +12,8 @@ hold the same random weights and decode the same batches greedily:
 
 Random weights rarely emit EOS, so both usually decode all M tokens: the same
 work for both. New tokens count up to (excluding) a row's first EOS. Each model
-decodes one untimed warm-up batch first.
+decodes one untimed warm-up batch first; then the batches alternate between
+the models, so a change of machine load hits both alike.
 
 Correctness on the first ``--check`` prompts: our batched answer equals
 ``generate_uncached`` (plain greedy that recomputes the whole context; compared
@@ -99,24 +100,31 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def run_all(
-    name: str,
-    fn: Any,
+def run_interleaved(
+    fns: dict[str, Any],
     prompts: Sequence[Sequence[int]],
     batches: list[list[int]],
     device: torch.device,
-) -> tuple[float, list[list[int]]]:
-    """Decode every batch; (total seconds, answers in prompt order)."""
-    answers: list[list[int]] = [[] for _ in prompts]
-    total = 0.0
-    fn([prompts[i] for i in batches[0]][:2], 2)  # untimed warm-up
+) -> dict[str, tuple[float, list[list[int]]]]:
+    """Decode every batch with each model in turn; {name: (seconds, answers in prompt order)}.
+
+    Batches alternate between the models, so a change in machine load during the
+    run hits both alike. Each model first decodes an untimed warm-up batch.
+    """
+    for fn in fns.values():
+        fn([prompts[i] for i in batches[0]][:2], 2)
+    seconds = dict.fromkeys(fns, 0.0)
+    answers: dict[str, list[list[int]]] = {name: [[] for _ in prompts] for name in fns}
     for number, batch in enumerate(batches, start=1):
-        seconds, outputs = timed(lambda batch=batch: fn([prompts[i] for i in batch], None), device)
-        total += seconds
-        for i, tokens in zip(batch, outputs, strict=True):
-            answers[i] = tokens
-        log(f"{name}: batch {number}/{len(batches)} ({len(batch)} prompts) {seconds:.2f} s")
-    return total, answers
+        for name, fn in fns.items():
+            spent, outputs = timed(
+                lambda fn=fn, batch=batch: fn([prompts[i] for i in batch], None), device
+            )
+            seconds[name] += spent
+            for i, tokens in zip(batch, outputs, strict=True):
+                answers[name][i] = tokens
+            log(f"{name}: batch {number}/{len(batches)} ({len(batch)} prompts) {spent:.2f} s")
+    return {name: (seconds[name], answers[name]) for name in fns}
 
 
 def main() -> None:
@@ -162,8 +170,8 @@ def main() -> None:
     def hf_fn(batch: list[list[int]], limit: int | None) -> list[list[int]]:
         return hf_generate(hf, batch, eos_id=eos, max_new_tokens=limit or max_new)
 
-    ours_s, ours_answers = run_all("ours", ours_fn, prompts, batches, device)
-    hf_s, hf_answers = run_all("hf", hf_fn, prompts, batches, device)
+    runs = run_interleaved({"ours": ours_fn, "hf": hf_fn}, prompts, batches, device)
+    (ours_s, ours_answers), (hf_s, hf_answers) = runs["ours"], runs["hf"]
     ours_tokens = sum(len(a) for a in ours_answers)
     hf_tokens = sum(len(a) for a in hf_answers)
 

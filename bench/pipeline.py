@@ -1,7 +1,8 @@
 """Projected wall-clock time of the default ``dvc repro`` from a few measured steps.
 
 Measures, with random weights of the chosen shape (default gpt2-medium) and
-the default recipe (``FinetuneParams()`` apart from the options given):
+the recipe of the repository's ``params.yaml`` (``--params``; the dataclass
+defaults if it cannot be read), apart from the options given:
 
 * train step: N real steps through ``Trainer.train`` (max_steps=N, eval every
   5 steps as the recipe does, no checkpoints, no progress bar). Step ends are
@@ -30,6 +31,7 @@ start-up per DVC stage. Downloads and DVC's own hashing are not included.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import subprocess
 import sys
@@ -57,7 +59,7 @@ from common import (
 )
 
 from gpt2_instruct.generation import SamplingConfig, generate
-from gpt2_instruct.params import EvaluateParams, FinetuneParams, GenerateParams
+from gpt2_instruct.params import Params, ParamsError, load_params
 from gpt2_instruct.training import Trainer
 from gpt2_instruct.weights import load_model, save_model
 
@@ -120,7 +122,7 @@ def time_training(trainer: Trainer, device: torch.device) -> dict[str, Any]:
     total = time.perf_counter() - started
     bounds = [started, *stamps]
     steps = []
-    for begin, end in zip(bounds, bounds[1:], strict=False):
+    for begin, end in itertools.pairwise(bounds):
         inside = sum(b - a for a, b in evals if begin <= a and b <= end)
         steps.append(end - begin - inside)
     return {
@@ -133,10 +135,20 @@ def time_training(trainer: Trainer, device: torch.device) -> dict[str, Any]:
 def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0], default_model="gpt2-medium")
     parser.add_argument("--steps", type=int, default=4, help="measured training steps")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--eval-train", choices=("reference", "fixed"), default="reference")
     parser.add_argument(
-        "--batch-order", choices=("reference", "length_grouped"), default="reference"
+        "--params", type=Path, default=REPO_ROOT / "params.yaml", help="the recipe to project"
+    )
+    parser.add_argument(
+        "--dtype", choices=("fp32", "bf16"), default=None, help="default: params.yaml's"
+    )
+    parser.add_argument(
+        "--eval-train", choices=("reference", "fixed"), default=None, help="default: params.yaml's"
+    )
+    parser.add_argument(
+        "--batch-order",
+        choices=("reference", "length_grouped"),
+        default=None,
+        help="default: params.yaml's",
     )
     parser.add_argument(
         "--eval-repeats", type=int, default=0, help="extra evaluate() calls after training"
@@ -145,7 +157,7 @@ def main() -> None:
         "--gen-prompts", type=int, default=16, help="test prompts timed (one batch of <= 16)"
     )
     parser.add_argument(
-        "--gen-max-new-tokens", type=int, default=GenerateParams().max_new_tokens
+        "--gen-max-new-tokens", type=int, default=None, help="default: params.yaml's"
     )
     parser.add_argument(
         "--answer-slack",
@@ -163,15 +175,19 @@ def main() -> None:
     device = resolve_device(args.device)
     threads = set_threads(args.threads)
     data = load_data(args.data_dir, synthetic=args.synthetic)
-    recipe = FinetuneParams()
-    params = dataclasses.replace(
-        recipe,
-        max_steps=args.steps,
-        precision=args.dtype,
-        eval_train=args.eval_train,
-        batch_order=args.batch_order,
-        device=str(device),
-        checkpoint_every=0,
+    try:
+        config = load_params(args.params)
+    except ParamsError as err:
+        log(f"params: {err}; using the dataclass defaults")
+        config = Params()
+    recipe = dataclasses.replace(  # the run projected: params.yaml + the options given
+        config.finetune,
+        precision=args.dtype or config.finetune.precision,
+        eval_train=args.eval_train or config.finetune.eval_train,
+        batch_order=args.batch_order or config.finetune.batch_order,
+    )
+    params = dataclasses.replace(  # the run measured: N steps, no checkpoints
+        recipe, max_steps=args.steps, device=str(device), checkpoint_every=0
     )
     parts: dict[str, float] = {}
     measured: dict[str, Any] = {}
@@ -197,7 +213,7 @@ def main() -> None:
             ),
             device,
         )
-        log(f"train: {args.steps} steps ({params.eval_every=}, {args.eval_train=})")
+        log(f"train: {args.steps} steps ({params.eval_every=}, {params.eval_train=})")
         run = time_training(trainer, device)
         steps = run["step_times"]
         step_s = mean(steps[1:]) if len(steps) > 1 else steps[0]
@@ -217,10 +233,10 @@ def main() -> None:
             log(f"checkpoint: {checkpoint_s:.2f} s")
 
         # ---------------------------------------------------------- generation
-        gen_batch = min(args.gen_prompts, GenerateParams().batch_size, len(data.test_prompts))
+        gen_batch = min(args.gen_prompts, config.generate.batch_size, len(data.test_prompts))
         prompts = data.test_prompts[:gen_batch]
         model = trainer.model
-        max_new = args.gen_max_new_tokens
+        max_new = args.gen_max_new_tokens or config.generate.max_new_tokens
         eos = data.pad_id
         generate(model, prompts[:1], eos_id=eos, sampling=SamplingConfig(max_new_tokens=2))
         prefill_s, _ = timed(
@@ -242,9 +258,13 @@ def main() -> None:
     epochs = recipe.epochs
     batches_per_epoch = len(data.train) // recipe.batch_size
     total_steps = epochs * batches_per_epoch
+    if recipe.max_steps:
+        total_steps = min(total_steps, recipe.max_steps)
     n_evals = evaluations_in(total_steps, recipe.eval_every) + 1  # + finetune's final one
     n_checkpoints = checkpoints_in(total_steps, recipe.checkpoint_every, epochs)
     n_test = len(data.test_prompts)
+    if config.generate.limit:
+        n_test = min(n_test, config.generate.limit)
     gen_batches = math.ceil(n_test / gen_batch)
     # Realistic: the test prompts sorted by length in batches, each decoding until its
     # longest answer (reference answer length + slack + EOS) is done.
@@ -261,7 +281,7 @@ def main() -> None:
     startup_s = stage_startup_s()
     n_stages = dvc_stage_count()
     eval_batches = 2 * recipe.eval_batches
-    test_batches = math.ceil(n_test / EvaluateParams().batch_size)
+    test_batches = math.ceil(n_test / config.evaluate.batch_size)
 
     parts["train_steps_s"] = total_steps * step_s
     parts["evaluations_s"] = n_evals * eval_s
@@ -328,10 +348,12 @@ def main() -> None:
         "peak_rss_gb": peak_rss_gb(),
         "method": method,
         "model": args.model,
-        "dtype": args.dtype,
+        "dtype": params.precision,
         "steps": args.steps,
-        "eval_train": args.eval_train,
-        "batch_order": args.batch_order,
+        "eval_train": params.eval_train,
+        "batch_order": params.batch_order,
+        "params_file": str(args.params),
+        "recipe": dataclasses.asdict(recipe),
         "gen_prompts": args.gen_prompts,
         "data": data.source,
         "threads": threads,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from common import (
     resolve_device,
     set_threads,
     time_steps,
+    timed,
 )
 
 from gpt2_instruct.model import IGNORE_INDEX
@@ -68,19 +70,16 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def run_model(
-    name: str,
+def make_step(
     model: torch.nn.Module,
-    loss_fn: Any,
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
-    warmup: int,
-    steps: int,
     dtype: str,
     device: torch.device,
-) -> dict[str, Any]:
-    """Time ``steps`` full training steps after ``warmup`` untimed ones."""
+) -> Callable[[int], torch.Tensor]:
+    """One full training step on batch ``i``: zero_grad, forward + loss, backward, AdamW."""
     model.train()
 
     def step(i: int) -> torch.Tensor:
@@ -92,20 +91,54 @@ def run_model(
         optimizer.step()
         return loss.detach()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    log(f"{name}: {warmup} warm-up + {steps} timed steps")
-    times, losses = time_steps(step, warmup=warmup, steps=steps, device=device)
+    return step
+
+
+def summarize(name: str, times: list[float], losses: list[torch.Tensor]) -> dict[str, Any]:
     result = {
         "step_s": mean(times),
         "step_s_min": min(times),
         "first_loss": float(losses[0]),
         "last_loss": float(losses[-1]),
     }
-    if device.type == "cuda":
-        result["cuda_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
     log(f"{name}: {result['step_s']:.3f} s/step, first loss {result['first_loss']:.5f}")
     return result
+
+
+def run_sequential(
+    name: str, step: Callable[[int], torch.Tensor], *, warmup: int, steps: int, device: torch.device
+) -> dict[str, Any]:
+    """Time ``steps`` steps after ``warmup`` untimed ones (CUDA: with peak memory)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log(f"{name}: {warmup} warm-up + {steps} timed steps")
+    times, losses = time_steps(step, warmup=warmup, steps=steps, device=device)
+    result = summarize(name, times, losses)
+    if device.type == "cuda":
+        result["cuda_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
+    return result
+
+
+def run_interleaved(
+    steps_by_name: dict[str, Callable[[int], torch.Tensor]],
+    *,
+    warmup: int,
+    steps: int,
+    device: torch.device,
+) -> dict[str, dict[str, Any]]:
+    """Warm up every model, then alternate their timed steps (same batch i for each)."""
+    log(f"interleaved: {warmup} warm-up + {steps} timed steps per model")
+    losses: dict[str, list[torch.Tensor]] = {name: [] for name in steps_by_name}
+    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    for i in range(warmup):
+        for name, step in steps_by_name.items():
+            losses[name].append(step(i))
+    for i in range(warmup, warmup + steps):
+        for name, step in steps_by_name.items():
+            seconds, loss = timed(lambda step=step, i=i: step(i), device)
+            times[name].append(seconds)
+            losses[name].append(loss)
+    return {name: summarize(name, times[name], losses[name]) for name in steps_by_name}
 
 
 def ours_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -134,12 +167,18 @@ def main() -> None:
     )
     parser.add_argument("--only", choices=("ours", "hf", "both"), default="both")
     parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="hold both models and alternate their timed steps (fairer on a busy machine; "
+        "twice the memory)",
+    )
+    parser.add_argument(
         "--hf-fused-optimizer",
         action="store_true",
         help="give HF torch.optim.AdamW(fused=True) too (default: the plain default AdamW)",
     )
     parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak")
-    parser.add_argument("--peak-repeats", type=int, default=5)
+    parser.add_argument("--peak-repeats", type=int, default=10)
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -148,9 +187,7 @@ def main() -> None:
     threads = set_threads(args.threads)
     data = load_data(args.data_dir, synthetic=args.synthetic)
     count = args.warmup + args.steps
-    indices = first_batches(
-        data.train, count, batch_size=args.batch_size, mode=args.batch_order
-    )
+    indices = first_batches(data.train, count, batch_size=args.batch_size, mode=args.batch_order)
     batches = collate_batches(data.train, indices, pad_id=data.pad_id, device=device)
     timed_batches = batches[args.warmup :]
     real_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in timed_batches)
@@ -171,30 +208,26 @@ def main() -> None:
     n_nonemb = non_embedding_params(model)
     useful_flops = 6.0 * (n_nonemb + config.n_embd * config.vocab_size) * real_tokens
 
+    names = ("ours", "hf") if args.only == "both" else (args.only,)
+    steppers: dict[str, Callable[[int], torch.Tensor]] = {}
     results: dict[str, dict[str, Any]] = {}
     hf_attn = None
+    step_kw = {"dtype": args.dtype, "device": device}
+    timing = {"warmup": args.warmup, "steps": args.steps, "device": device}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         save_model(model, Path(tmp))  # the initial weights, for HF
-        if args.only in ("ours", "both"):
+        if "ours" in names:
             model = model.to(device)
             optimizer = torch.optim.AdamW(
                 model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True
             )
-            results["ours"] = run_model(
-                "ours",
-                model,
-                ours_loss,
-                optimizer,
-                batches,
-                warmup=args.warmup,
-                steps=args.steps,
-                dtype=args.dtype,
-                device=device,
-            )
+            steppers["ours"] = make_step(model, ours_loss, optimizer, batches, **step_kw)
+            if not args.interleave:
+                results["ours"] = run_sequential("ours", steppers.pop("ours"), **timing)
             del optimizer
         del model
         free(device)
-        if args.only in ("hf", "both"):
+        if "hf" in names:
             hf = load_hf_model(Path(tmp), device, training=True)
             hf_attn = hf_attn_implementation(hf)
             optimizer = torch.optim.AdamW(
@@ -203,19 +236,14 @@ def main() -> None:
                 weight_decay=WEIGHT_DECAY,
                 fused=True if args.hf_fused_optimizer else None,
             )
-            results["hf"] = run_model(
-                "hf",
-                hf,
-                hf_loss,
-                optimizer,
-                batches,
-                warmup=args.warmup,
-                steps=args.steps,
-                dtype=args.dtype,
-                device=device,
-            )
+            steppers["hf"] = make_step(hf, hf_loss, optimizer, batches, **step_kw)
+            if not args.interleave:
+                results["hf"] = run_sequential("hf", steppers.pop("hf"), **timing)
             del optimizer, hf
-            free(device)
+        if args.interleave:
+            results = run_interleaved(steppers, **timing)
+        steppers.clear()
+        free(device)
 
     out: dict[str, Any] = {"benchmark": "train_step"}
     for name in ("ours", "hf"):
@@ -228,9 +256,7 @@ def main() -> None:
         out[f"{name}_achieved_gflops"] = achieved / 1e9 if r else None
         out[f"mfu_{name}"] = achieved / (peak * 1e9) if r else None
     both = "ours" in results and "hf" in results
-    out["ratio_tokens_per_s"] = (
-        out["ours_tokens_per_s"] / out["hf_tokens_per_s"] if both else None
-    )
+    out["ratio_tokens_per_s"] = out["ours_tokens_per_s"] / out["hf_tokens_per_s"] if both else None
     out["peak_fp32_gflops"] = peak_fp32
     out["peak_bf16_gflops"] = peak_bf16
     out["peak_matmul_sizes"] = {"fp32": size_fp32, "bf16": size_bf16}
@@ -253,6 +279,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "batch_order": args.batch_order,
             "only": args.only,
+            "interleave": args.interleave,
             "data": data.source,
             "real_tokens_per_step": real_tokens / args.steps,
             "padded_tokens_per_step": padded_tokens / args.steps,
