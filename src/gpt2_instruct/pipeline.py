@@ -51,7 +51,13 @@ from gpt2_instruct.params import (
 )
 from gpt2_instruct.tokenizer import BPE_SHA256, ENCODER_JSON, VOCAB_BPE, load_tokenizer
 from gpt2_instruct.training import Trainer, resolve_device
-from gpt2_instruct.weights import CONFIG_NAME, WEIGHTS_NAME, load_model, save_model
+from gpt2_instruct.weights import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    WeightsError,
+    load_model,
+    save_model,
+)
 
 SPLITS = ("train", "val", "test")
 CONFIG_KEY = "gpt2_instruct"  # our extra section in the model's config.json
@@ -215,6 +221,7 @@ def fetch_gpt2(params: FetchParams, encoding_out: Path, model_out: Path) -> None
                 )
             )
             save_model(model, tmp, extra_config={CONFIG_KEY: {"random_init": True}})
+            source = "random model"
             _log(
                 "fetch_gpt2: WARNING: randomly initialised model, NOT pre-trained GPT-2 "
                 f"({model.num_parameters():,} parameters) - for smoke tests and CI only"
@@ -225,6 +232,7 @@ def fetch_gpt2(params: FetchParams, encoding_out: Path, model_out: Path) -> None
                 base = f"{base}/resolve/{params.revision}"
             else:
                 base = str(params.local_dir)
+            source = base
             for name in (CONFIG_NAME, WEIGHTS_NAME):
                 fetch(
                     _join(base, name),
@@ -235,14 +243,16 @@ def fetch_gpt2(params: FetchParams, encoding_out: Path, model_out: Path) -> None
                 )
             model = load_model(tmp)  # checks every tensor name and shape against config.json
             expected = GPT2_CONFIGS[params.model]
-            if params.source == "hub" and (
-                model.config.n_layer,
-                model.config.n_embd,
-            ) != (expected.n_layer, expected.n_embd):
-                raise ValueError(f"{base}: checkpoint does not have the shape of {params.model}")
+            shape = (model.config.n_layer, model.config.n_embd)
+            if params.source == "hub" and shape != (expected.n_layer, expected.n_embd):
+                raise WeightsError(f"{base}: checkpoint does not have the shape of {params.model}")
             _log(f"fetch_gpt2: {base} ({model.num_parameters():,} parameters)")
-    if load_model(model_out).config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"{model_out}: fewer token embeddings than the tokenizer has tokens")
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise WeightsError(
+                f"{source}: "
+                f"{model.config.vocab_size} token embeddings, fewer than the tokenizer's "
+                f"{tokenizer.vocab_size} tokens"
+            )
 
 
 # ------------------------------------------------------------------ finetune
@@ -283,7 +293,7 @@ def finetune(
     val = TokenizedSplit.load(tokenized / "val.safetensors")
     model = load_model(base_model, dropout=params.dropout)
     if model.config.vocab_size < meta["vocab_size"]:
-        raise ValueError(f"{base_model}: vocabulary smaller than the tokenizer's")
+        raise WeightsError(f"{base_model}: vocabulary smaller than the tokenizer's")
     max_length = min(params.max_length, model.config.context_length)
     if max_length != params.max_length:
         params = dataclasses.replace(params, max_length=max_length)
