@@ -1,7 +1,35 @@
-"""Stage finetune: instruction-fine-tune the base model; save it with losses and plots."""
+"""Stage finetune: instruction-fine-tune the base model; save it with losses and plots.
 
-from gpt2_instruct import pipeline
+With ``finetune.distributed.nproc_per_node > 1`` the script relaunches itself under
+torchrun, one process per GPU; ``torchrun --nproc-per-node N stages/finetune.py`` works too.
+"""
+
+import sys
+from pathlib import Path
+
+from gpt2_instruct import distributed, pipeline
+from gpt2_instruct.params import Params
 from gpt2_instruct.stage import run_stage
+
+
+def main(p: Params, a: dict[str, Path]) -> None:
+    """Train here, or, when several processes are asked for, under torchrun and exit as it did."""
+    code = distributed.maybe_relaunch(p.finetune.distributed.nproc_per_node, sys.argv)
+    if code is not None:
+        sys.exit(code)
+    pipeline.finetune(
+        p.finetune,
+        a["tokenized"],
+        a["base_model"],
+        a["encoding"],
+        a["out"],
+        a["checkpoints"],
+        a["metrics"],
+        a["log"],
+        a["plot"],
+        a["live"],
+    )
+
 
 if __name__ == "__main__":
     run_stage(
@@ -17,16 +45,5 @@ if __name__ == "__main__":
             "plot": "plots/loss.png",
             "live": "dvclive",
         },
-        lambda p, a: pipeline.finetune(
-            p.finetune,
-            a["tokenized"],
-            a["base_model"],
-            a["encoding"],
-            a["out"],
-            a["checkpoints"],
-            a["metrics"],
-            a["log"],
-            a["plot"],
-            a["live"],
-        ),
+        main,
     )

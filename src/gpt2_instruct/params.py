@@ -126,6 +126,30 @@ class LoRAParams:
 
 
 @dataclass(frozen=True)
+class DistributedParams:
+    """Data-parallel training over several processes (DDP); 1 process is the plain loop.
+
+    ``nproc_per_node > 1`` makes ``stages/finetune.py`` relaunch itself under
+    torchrun; ``batch_size`` stays the global batch, split evenly over the ranks.
+    ``strategy: fsdp`` (sharded weights, for models whose AdamW state does not
+    fit one GPU) is reserved and rejected: see ``gpt2_instruct.distributed``.
+    """
+
+    nproc_per_node: int = 1
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: float = 300.0
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    def __post_init__(self) -> None:
+        _check(self.nproc_per_node > 0, "nproc_per_node must be > 0 (1: a single process)")
+        _check(self.timeout_s > 0, "timeout_s must be > 0")
+        _check(
+            self.strategy == "ddp",
+            "strategy fsdp is not implemented (see gpt2_instruct.distributed); use ddp",
+        )
+
+
+@dataclass(frozen=True)
 class FinetuneParams:
     """The reference recipe by default (Raschka, ch. 7); every deviation is a knob here."""
 
@@ -154,10 +178,17 @@ class FinetuneParams:
     device: str = "auto"
     threads: int | None = None
     lora: LoRAParams = field(default_factory=LoRAParams)
+    distributed: DistributedParams = field(default_factory=DistributedParams)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs must be > 0")
         _check(self.batch_size > 0, "batch_size must be > 0")
+        nproc = self.distributed.nproc_per_node
+        _check(
+            self.batch_size % nproc == 0,
+            f"batch_size ({self.batch_size}) must be divisible by distributed.nproc_per_node "
+            f"({nproc}): every process trains on an equal share of each batch",
+        )
         _check(
             self.micro_batch_size is None
             or (self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size == 0),

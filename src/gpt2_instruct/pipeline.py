@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from dvclive import Live
 
-from gpt2_instruct import evaluation, plots
+from gpt2_instruct import distributed, evaluation, plots
 from gpt2_instruct.batching import TokenizedSplit, collate
 from gpt2_instruct.cli import load_instruct_model
 from gpt2_instruct.data import (
@@ -286,7 +286,11 @@ def finetune(
     loss_plot: Path,
     live_dir: Path,
 ) -> dict[str, Any]:
-    """Fine-tune, logging live to DVCLive; write the model, the loss log, plot and metrics."""
+    """Fine-tune, logging live to DVCLive; write the model, the loss log, plot and metrics.
+
+    Under torchrun (``finetune.distributed``) every rank trains its share of each
+    batch; rank 0 alone logs and writes, the others return an empty report.
+    """
     _configure_threads(params.threads)
     meta = json.loads((tokenized / "meta.json").read_text(encoding="utf-8"))
     train = TokenizedSplit.load(tokenized / "train.safetensors")
@@ -298,22 +302,29 @@ def finetune(
     if max_length != params.max_length:
         params = dataclasses.replace(params, max_length=max_length)
 
-    trainer = Trainer(
-        model,
-        train,
-        val,
-        params,
-        pad_id=meta["eot_id"],
-        checkpoint_dir=checkpoints,
-    )
-    checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC output even when none is written
-    if trainer.load_checkpoint():
-        _log(f"finetune: resumed from {checkpoints} at step {trainer.state.step}")
-    with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
-        for row in trainer.state.log:  # a resumed run re-logs what it restored
-            _log_live(live, row)
-        trainer.on_log = lambda row: _log_live(live, row)
-        state = trainer.train()
+    with distributed.process_group(params.distributed, params.device) as world:
+        trainer = Trainer(
+            model,
+            train,
+            val,
+            params,
+            pad_id=meta["eot_id"],
+            checkpoint_dir=checkpoints,
+            world=world,
+        )
+        if world.is_main:
+            checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
+        if trainer.load_checkpoint() and world.is_main:
+            _log(f"finetune: resumed from {checkpoints} at step {trainer.state.step}")
+        if not world.is_main:
+            trainer.train()
+            return {}
+        with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+            for row in trainer.state.log:  # a resumed run re-logs what it restored
+                _log_live(live, row)
+            trainer.on_log = lambda row: _log_live(live, row)
+            state = trainer.train()
+    # The process group is gone: rank 0 writes the outputs while the other ranks exit.
 
     with atomic_open(log_tsv) as handle:
         writer = csv.DictWriter(handle, LOG_FIELDS, delimiter="\t", lineterminator="\n")

@@ -6,6 +6,10 @@ same shuffled batches, loss evaluated every ``eval_every`` steps on
 seen counted with padding. Speed comes from work that does not change what is
 learned: the vocabulary projection only where targets count, fused AdamW,
 validation batches collated once, inference mode for evaluation.
+
+Given a ``World`` of several processes (under torchrun, see ``distributed``),
+each rank trains on its share of every batch through DistributedDataParallel
+and rank 0 alone evaluates, logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from gpt2_instruct import distributed
 from gpt2_instruct.batching import BatchOrder, TokenizedSplit, collate
+from gpt2_instruct.distributed import World
 from gpt2_instruct.io import atomic_path
 from gpt2_instruct.lora import apply_lora, has_lora, merge_lora, trainable_parameters
 from gpt2_instruct.model import IGNORE_INDEX, GPTModel
@@ -94,9 +100,21 @@ class Trainer:
         checkpoint_dir: str | Path | None = None,
         on_log: Callable[[dict[str, float]], None] | None = None,
         progress: bool = True,
+        world: World | None = None,
     ) -> None:
         self.params = params
-        self.device = device or resolve_device(params.device)
+        self.world = world or World()
+        if params.batch_size % self.world.size:
+            raise ValueError(
+                f"finetune.batch_size ({params.batch_size}) must be divisible by the number of "
+                f"processes ({self.world.size}): each rank trains on an equal share of a batch"
+            )
+        if self.world.size > 1 and not torch.distributed.is_initialized():
+            raise RuntimeError(
+                f"a world of {self.world.size} processes needs torch.distributed initialised "
+                "(run under torchrun inside distributed.process_group)"
+            )
+        self.device = device or distributed.rank_device(params.device, self.world)
         self.model = model.to(self.device)
         self.train_split, self.val_split = train, val
         self.pad_id = pad_id
@@ -113,6 +131,8 @@ class Trainer:
                 targets=lora.targets,
             )  # fmt: skip
         self.trainable_parameters = trainable_parameters(self.model)
+        # The wrapper all ranks train through; self.model stays the plain (unwrapped) model.
+        self.ddp = distributed.wrap_ddp(self.model, self.device) if self.world.size > 1 else None
         self.last_grad_norm: float | None = None  # before clipping; only when clipping
         self.optimizer = build_optimizer(
             self.model,
@@ -122,9 +142,11 @@ class Trainer:
             fused=params.fused_optimizer or None,
         )
         self.state = TrainState()
-        self._val_batches = self._collate_many(self._val_eval_indices(), val)
+        # Only rank 0 evaluates: the other ranks keep no evaluation batches on their device.
+        main = self.world.is_main
+        self._val_batches = self._collate_many(self._val_eval_indices(), val) if main else []
         self._fixed_train_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        if params.eval_train == "fixed":
+        if params.eval_train == "fixed" and main:
             fixed = BatchOrder(train.lengths, params.batch_size, seed=params.seed + 1)
             self._fixed_train_batches = self._collate_many(
                 fixed.sample_batches(params.eval_batches), train
@@ -168,30 +190,47 @@ class Trainer:
         self.model.train()
         return sum(losses) / len(losses)
 
+    def _draw_eval_train_indices(self) -> list[list[int]] | None:
+        """The random draws one evaluation makes on the batch order (None: fixed batches).
+
+        Every rank makes them, evaluating or not, so all ranks' shuffles stay in step.
+        """
+        if self.params.eval_train == "fixed":
+            return None
+        indices = self.order.sample_batches(self.params.eval_batches)
+        self.order.skip_unshuffled_iterator()  # the reference's pass over its val loader
+        return indices
+
     def evaluate(self) -> tuple[float, float]:
         """(train loss, val loss) as the reference's ``evaluate_model`` computes them."""
-        if self._fixed_train_batches is not None:
+        if not self.world.is_main:
+            raise RuntimeError("only rank 0 evaluates (the others hold no evaluation batches)")
+        indices = self._draw_eval_train_indices()
+        if indices is None:
+            assert self._fixed_train_batches is not None
             train_batches = self._fixed_train_batches
         else:  # fresh shuffled batches, drawn from the training order's generator
-            indices = self.order.sample_batches(self.params.eval_batches)
             train_batches = self._collate_many(indices, self.train_split)
-            self.order.skip_unshuffled_iterator()  # the reference's pass over its val loader
         return self._mean_loss(train_batches), self._mean_loss(self._val_batches)
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
+        """Rank 0 writes (every rank holds the same state); all ranks call it, then wait."""
         if self.checkpoint_dir is None:
             return
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "order_rng": self.order.state(),
-            "torch_rng": torch.get_rng_state(),
-            "train_state": vars(self.state),
-            "params": dataclasses.asdict(self.params),
-        }
-        with atomic_path(self.checkpoint_dir / CHECKPOINT_NAME) as tmp:
-            torch.save(state, tmp)
+        if self.world.is_main:
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "order_rng": self.order.state(),
+                "torch_rng": torch.get_rng_state(),
+                "train_state": vars(self.state),
+                "params": dataclasses.asdict(self.params),
+            }
+            with atomic_path(self.checkpoint_dir / CHECKPOINT_NAME) as tmp:
+                torch.save(state, tmp)
+        if self.ddp is not None:
+            distributed.barrier(self.device)
 
     def remove_checkpoint(self) -> None:
         """Drop the checkpoint once the finished model is saved: it would only fill the disk."""
@@ -199,18 +238,36 @@ class Trainer:
             (self.checkpoint_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
 
     def load_checkpoint(self) -> bool:
-        """Resume from the checkpoint if there is one for the same params; True if resumed."""
+        """Resume from the checkpoint if there is one for the same params; True if resumed.
+
+        Every rank reads the file; under DDP they must all find the same step (a
+        checkpoint directory that not every node shares would split the job).
+        """
+        resumed = self._load_checkpoint()
+        if self.ddp is not None and not distributed.all_equal(
+            self.state.step if resumed else -1, self.device
+        ):
+            raise RuntimeError(
+                f"ranks disagree on the checkpoint in {self.checkpoint_dir} (rank {self.world.rank}"
+                f" {'resumed at step ' + str(self.state.step) if resumed else 'found none'}); "
+                "the checkpoint directory must be shared by every node"
+            )
+        return resumed
+
+    def _load_checkpoint(self) -> bool:
         if self.checkpoint_dir is None:
             return False
         path = self.checkpoint_dir / CHECKPOINT_NAME
         if not path.is_file():
             return False
         state = torch.load(path, map_location=self.device, weights_only=True)
-        saved = dict(state["params"])
-        current = dataclasses.asdict(self.params)
+        # How many processes trained does not change what is learned: resume under any.
+        saved = {k: v for k, v in state["params"].items() if k != "distributed"}
+        current = {k: v for k, v in dataclasses.asdict(self.params).items() if k != "distributed"}
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
-            print(f"{path}: params changed ({', '.join(changed)}); starting afresh")
+            if self.world.is_main:
+                print(f"{path}: params changed ({', '.join(changed)}); starting afresh")
             return False
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -250,7 +307,10 @@ class Trainer:
         p, s = self.params, self.state
         self.model.train()
         bar = tqdm(
-            total=self.total_steps, initial=s.step, disable=not self.progress, desc="finetune"
+            total=self.total_steps,
+            initial=s.step,
+            disable=not (self.progress and self.world.is_main),
+            desc="finetune",
         )
         started = time.perf_counter() - s.seconds
         for indices in self._batches():
@@ -264,6 +324,9 @@ class Trainer:
             apply_lr(self.optimizer, lr)
             self.optimizer.zero_grad(set_to_none=True)
             loss, positions, counted = self._forward_backward(indices)
+            stop = bool(interrupted)
+            if self.ddp is not None:  # whole-batch figures, and one decision for all ranks
+                loss, positions, stop = self._reduce_step(loss, positions, stop)
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss is {loss} at step {s.step + 1} (epoch {s.epoch + 1}); "
@@ -281,13 +344,18 @@ class Trainer:
             s.seconds = time.perf_counter() - started
             bar.update(1)
             if (s.step - 1) % p.eval_every == 0:  # the reference evaluates at steps 0, 5, ...
-                self._log(loss, lr)
-                bar.set_postfix(
-                    train=f"{s.log[-1]['train_loss']:.3f}", val=f"{s.log[-1]['val_loss']:.3f}"
-                )
+                if self.world.is_main:
+                    self._log(loss, lr)
+                    bar.set_postfix(
+                        train=f"{s.log[-1]['train_loss']:.3f}", val=f"{s.log[-1]['val_loss']:.3f}"
+                    )
+                else:
+                    self._draw_eval_train_indices()
             if p.checkpoint_every and s.step % p.checkpoint_every == 0:
                 self.save_checkpoint()
-            if interrupted:
+            if self.ddp is None:  # one process: a Ctrl-C up to here counts; DDP: the agreed one
+                stop = bool(interrupted)
+            if stop:
                 bar.close()
                 self.save_checkpoint()
                 where = self.checkpoint_dir or "nowhere (no checkpoint directory)"
@@ -304,6 +372,8 @@ class Trainer:
         whole batch's target count, so the gradient is the full batch's.
         """
         p = self.params
+        if self.ddp is not None:
+            return self._forward_backward_ddp(indices, self.ddp)
         if p.micro_batch_size is None or p.micro_batch_size >= len(indices):
             inputs, targets = self._collate(indices, self.train_split)
             with autocast(self.device, p.precision):
@@ -322,6 +392,40 @@ class Trainer:
             loss.backward()
             total += loss.item()
         return total, sum(x.numel() for x, _ in micro), counted
+
+    def _forward_backward_ddp(
+        self, indices: list[int], ddp: torch.nn.parallel.DistributedDataParallel
+    ) -> tuple[float, int, int]:
+        """This rank's share of the batch; (local loss, local positions, global count).
+
+        Each rank's loss is its summed token losses over the whole batch's target
+        count, times the world size: DDP averages the ranks' gradients, which then
+        sum to the gradient of the whole batch's mean loss. Gradients are exchanged
+        once per step, at the last micro-batch.
+        """
+        p, world = self.params, self.world
+        share = len(indices) // world.size
+        mine = indices[world.rank * share : (world.rank + 1) * share]
+        size = min(p.micro_batch_size or share, share)
+        micro = [self._collate(mine[i : i + size], self.train_split) for i in range(0, share, size)]
+        local = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
+        counted = int(distributed.all_reduce_sum([local], self.device)[0])
+        total = 0.0
+        for i, (inputs, targets) in enumerate(micro):
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if last else ddp.no_sync():
+                with autocast(self.device, p.precision):
+                    loss = ddp(inputs, targets, reduction="sum") / counted * world.size
+                loss.backward()
+            total += loss.item()
+        return total, sum(x.numel() for x, _ in micro), counted
+
+    def _reduce_step(self, loss: float, positions: int, stop: bool) -> tuple[float, int, bool]:
+        """The whole batch's loss and positions, and whether any rank was interrupted."""
+        total, positions_sum, stops = distributed.all_reduce_sum(
+            [loss / self.world.size, positions, float(stop)], self.device
+        )
+        return total, int(positions_sum), stops > 0
 
     @property
     def _trainable(self) -> list[torch.nn.Parameter]:
