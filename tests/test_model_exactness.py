@@ -57,17 +57,23 @@ def test_gpt2_small_shape_logits_match_hf(tmp_path: Path) -> None:
 def test_loss_matches_full_cross_entropy(tmp_path: Path) -> None:
     path, _ = _hf_checkpoint(tmp_path, **TINY)
     ours = load_model(path).eval()
-    idx = torch.randint(0, 97, (2, 16))
-    targets = torch.randint(0, 97, (2, 16))
-    targets[0, 10:] = -100
-    targets[1, :3] = -100
+    idx = torch.randint(0, 97, (3, 16))
+    targets = torch.randint(0, 97, (3, 16))
+    targets[0, 10:] = -100  # right padding: positions 10.. are never computed
+    targets[1, :3] = -100  # a masked prompt: computed (context), not counted
+    targets[1, 7] = -100
+    targets[2, :] = -100  # a row with nothing to count is dropped whole
     with torch.no_grad():
         full = torch.nn.functional.cross_entropy(ours(idx).flatten(0, 1), targets.flatten())
         fast = ours.loss(idx, targets)
         per_token = ours.token_losses(idx, targets)
     torch.testing.assert_close(fast, full)
     torch.testing.assert_close(per_token.sum() / (targets != -100).sum(), full)
-    assert per_token[0, 10:].eq(0).all()
+    assert per_token[0, 10:].eq(0).all() and per_token[2].eq(0).all()
+    unpadded = torch.full_like(targets, 5)  # nothing to skip: the unpacked path
+    with torch.no_grad():
+        full = torch.nn.functional.cross_entropy(ours(idx).flatten(0, 1), unpadded.flatten())
+        torch.testing.assert_close(ours.loss(idx, unpadded), full)
 
 
 def test_saved_model_loads_in_hf_with_same_logits(tmp_path: Path) -> None:

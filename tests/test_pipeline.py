@@ -12,7 +12,11 @@ import hashlib
 import http.server
 import json
 import math
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +29,7 @@ from safetensors.torch import load_file
 from gpt2_instruct import pipeline, training
 from gpt2_instruct.batching import TokenizedSplit
 from gpt2_instruct.cli import load_instruct_model
-from gpt2_instruct.data import DataError, Entry, format_prompt, load_entries
+from gpt2_instruct.data import DataError, Entry, format_prompt, load_entries, write_entries
 from gpt2_instruct.download import DownloadError
 from gpt2_instruct.model import GPTConfig, GPTModel
 from gpt2_instruct.params import (
@@ -309,6 +313,73 @@ def test_tokenize_is_deterministic(run, tmp_path):
     for name in names:
         assert (out / name).read_bytes() == (run.tokenized / name).read_bytes(), name
     assert metrics.read_bytes() == run.tokenize_metrics.read_bytes()
+
+
+def test_tokenize_reports_entries_longer_than_the_context(run, tmp_path, capsys):
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    long_answer = "word " * 1100  # about 1,100 tokens with the tiny BPE's byte tokens
+    for name in pipeline.SPLITS:
+        entries = load_entries(run.prepared / f"{name}.json")
+        if name == "train":
+            entries[1] = Entry(entries[1].instruction, entries[1].input, long_answer)
+        write_entries(prepared / f"{name}.json", entries)
+    report = pipeline.tokenize(
+        TokenizeParams(), prepared, run.encoding, tmp_path / "tok", tmp_path / "m.json"
+    )
+    assert report["train_over_context"] == 1 and report["test_over_context"] == 0
+    assert report["train_max_length"] > pipeline.GPT2_CONTEXT
+    err = capsys.readouterr().err
+    assert "train.json: 1 entries longer than GPT-2's 1024-token context" in err
+    assert "(entries [1])" in err
+
+
+def test_a_50_mb_entry_is_validated_and_tokenized(run, tmp_path):
+    huge = "All work and no play. " * (50_000_000 // 22)
+    entries = [Entry("Repeat the phrase.", "", huge), *load_entries(run.prepared / "test.json")]
+    path = tmp_path / "big.json"
+    write_entries(path, entries)
+    assert path.stat().st_size > 50_000_000
+    loaded = load_entries(path)
+    assert loaded[0].output == huge
+    tokenizer = load_tokenizer(run.encoding)
+    examples, prompt_lengths = pipeline.tokenize_entries(loaded[:1], tokenizer, "alpaca")
+    assert len(examples[0]) > 1_000_000
+    assert prompt_lengths[0] == len(tokenizer.encode(format_prompt(loaded[0])))
+
+
+def test_sigkill_during_tokenize_then_rerun_gives_the_same_outputs(run, tmp_path):
+    """Killed mid-stage, nothing is left at the output path; a rerun matches a clean run."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        from pathlib import Path
+        from gpt2_instruct import pipeline, batching
+        from gpt2_instruct.params import TokenizeParams
+        original = batching.TokenizedSplit.save
+        def save_then_die(self, path):
+            original(self, path)
+            if Path(path).name == "val.safetensors":
+                os.kill(os.getpid(), signal.SIGKILL)
+        if sys.argv[1] == "die":
+            batching.TokenizedSplit.save = save_then_die
+        prepared, encoding = Path({str(run.prepared)!r}), Path({str(run.encoding)!r})
+        pipeline.tokenize(TokenizeParams(), prepared, encoding, Path(sys.argv[2]),
+                          Path(sys.argv[3]))
+        """
+    )
+    out, metrics = tmp_path / "tokenized", tmp_path / "tokenize.json"
+    killed = subprocess.run(
+        [sys.executable, "-c", script, "die", str(out), str(metrics)], timeout=120, check=False
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists() and not metrics.exists()  # only a hidden temp dir may remain
+    rerun = subprocess.run(
+        [sys.executable, "-c", script, "ok", str(out), str(metrics)], timeout=120, check=False
+    )
+    assert rerun.returncode == 0
+    for name in sorted(p.name for p in run.tokenized.iterdir()):
+        assert (out / name).read_bytes() == (run.tokenized / name).read_bytes(), name
 
 
 def test_tokenize_phi3_differs(run, tmp_path, tokenizer):

@@ -92,6 +92,41 @@ class KVCache:
         return self.keys.shape[3]
 
 
+class Packing:
+    """The positions of a (B, T) batch that matter, for computing on those alone.
+
+    With causal attention a position only affects later ones, so every position
+    after a row's last counted target can be dropped without changing any
+    counted logit: right padding costs nothing. Between blocks activations are
+    packed as (N, C); attention unpacks them to (B, T, ...) and packs its output.
+    """
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        self.batch, self.width = keep.shape
+        self.full = bool(keep.all())
+        self.index = None if self.full else keep.flatten().nonzero().squeeze(1)  # (N,)
+
+    @classmethod
+    def for_targets(cls, targets: torch.Tensor) -> Packing:
+        """Keep each row up to and including its last target that is not ignored."""
+        T = targets.shape[1]
+        steps = torch.arange(1, T + 1, device=targets.device)
+        needed = torch.where(targets != IGNORE_INDEX, steps, 0).amax(dim=1)  # (B,)
+        return cls(steps[None, :] <= needed[:, None])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)."""
+        flat = x.flatten(0, 1)
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (B, T, D), zeros where positions were dropped."""
+        if self.index is None:
+            return x.view(self.batch, self.width, -1)
+        out = x.new_zeros(self.batch * self.width, x.shape[-1])
+        return out.index_copy(0, self.index, x).view(self.batch, self.width, -1)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with GPT-2's epsilon; parameters named like the paper (weight, bias)."""
 
@@ -131,9 +166,14 @@ class MultiHeadAttention(nn.Module):
         layer: int = 0,
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        qkv = self.qkv(x)  # (B, T, 3C), or (N, 3C) when packed
+        if packing is not None:
+            qkv = packing.unpack(qkv)  # (B, T, 3C): attention needs rows
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        q, k, v = qkv.split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -150,6 +190,8 @@ class MultiHeadAttention(nn.Module):
             v = cache.values[layer, :, :, :end]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        if packing is not None:
+            y = packing.pack(y)  # (N, C)
         return self.resid_dropout(self.out_proj(y))
 
 
@@ -184,8 +226,11 @@ class TransformerBlock(nn.Module):
         layer: int = 0,
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), layer=layer, cache=cache, attn_mask=attn_mask)
+        x = x + self.attn(
+            self.norm1(x), layer=layer, cache=cache, attn_mask=attn_mask, packing=packing
+        )
         return x + self.ff(self.norm2(x))
 
 
@@ -236,8 +281,9 @@ class GPTModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        """Final-LayerNorm output (B, T, C) for token ids ``idx`` (B, T)."""
+        """Final-LayerNorm output (B, T, C) for token ids ``idx`` (B, T); (N, C) when packed."""
         T = idx.shape[1]
         offset = cache.length if cache is not None else 0
         if offset + T > self.config.context_length:
@@ -247,10 +293,14 @@ class GPTModel(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(offset, offset + T, device=idx.device)  # (T,)
-        x = self.tok_emb(idx) + self.pos_emb(position_ids)  # (B, T, C)
+        if packing is not None:  # (N, C): only the positions that matter
+            positions = position_ids.expand(idx.shape[0], T)
+            x = self.tok_emb(packing.pack(idx)) + self.pos_emb(packing.pack(positions))
+        else:
+            x = self.tok_emb(idx) + self.pos_emb(position_ids)  # (B, T, C)
         x = self.emb_dropout(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, layer=layer, cache=cache, attn_mask=attn_mask)
+            x = block(x, layer=layer, cache=cache, attn_mask=attn_mask, packing=packing)
         if cache is not None:
             cache.length += T
         return self.final_norm(x)
@@ -265,19 +315,24 @@ class GPTModel(nn.Module):
         """Mean next-token cross-entropy over targets that are not ``IGNORE_INDEX``.
 
         Equals ``F.cross_entropy(self(idx).flatten(0, 1), targets.flatten())`` but
-        projects onto the vocabulary only where a target counts, which skips the
-        largest matrix product for padding (and masked prompt) positions.
+        skips the positions after each row's last counted target (right padding:
+        see ``Packing``) and projects onto the vocabulary only where a target
+        counts, the largest matrix product of all.
         """
-        hidden = self.hidden_states(idx)  # (B, T, C)
-        keep = targets != IGNORE_INDEX  # (B, T)
-        logits = self.head(hidden[keep])  # (N, V)
+        packing = Packing.for_targets(targets)
+        hidden = self.hidden_states(idx, packing=packing)  # (N, C)
+        targets = packing.pack(targets)  # (N,)
+        keep = targets != IGNORE_INDEX
+        logits = self.head(hidden[keep])  # (K, V)
         return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
     def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position cross-entropy (B, T), zero where the target is ignored."""
-        hidden = self.hidden_states(idx)
-        keep = targets != IGNORE_INDEX
-        losses = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        packing = Packing.for_targets(targets)
+        hidden = self.hidden_states(idx, packing=packing)  # (N, C)
+        packed_targets = packing.pack(targets)
+        keep = packed_targets != IGNORE_INDEX
+        losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=targets.device)
         logits = self.head(hidden[keep])
-        losses[keep] = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-        return losses
+        losses[keep] = F.cross_entropy(logits.float(), packed_targets[keep], reduction="none")
+        return packing.unpack(losses[:, None]).view(targets.shape)

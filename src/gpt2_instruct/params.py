@@ -213,7 +213,7 @@ class GenerateParams:
     """Answers for the test split; greedy by default, like the reference."""
 
     max_new_tokens: int = 256
-    batch_size: int = 16
+    batch_size: int = 32
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None

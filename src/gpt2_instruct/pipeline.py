@@ -62,6 +62,7 @@ from gpt2_instruct.weights import (
 SPLITS = ("train", "val", "test")
 CONFIG_KEY = "gpt2_instruct"  # our extra section in the model's config.json
 ALPACA_RESPONSE_HEADER = "\n\n### Response:\n"
+GPT2_CONTEXT = 1024  # positions of every published GPT-2 size
 LOG_FIELDS = (
     "step",
     "epoch",
@@ -176,6 +177,14 @@ def tokenize(
             }
             report[f"{name}_tokens"] = sum(lengths)
             report[f"{name}_max_length"] = max(lengths)
+            too_long = [i for i, n in enumerate(lengths) if n > GPT2_CONTEXT]
+            report[f"{name}_over_context"] = len(too_long)
+            if too_long:  # not fatal: training cuts them and keeps their EOS target
+                _log(
+                    f"tokenize: WARNING: {prepared / f'{name}.json'}: {len(too_long)} entries "
+                    f"longer than GPT-2's {GPT2_CONTEXT}-token context will be cut in training "
+                    f"(entries {too_long[:10]}{' ...' if len(too_long) > 10 else ''})"
+                )
         meta = {
             "prompt_style": params.prompt_style,
             "eot_id": tokenizer.eot_id,
