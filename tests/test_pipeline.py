@@ -382,6 +382,56 @@ def test_sigkill_during_tokenize_then_rerun_gives_the_same_outputs(run, tmp_path
         assert (out / name).read_bytes() == (run.tokenized / name).read_bytes(), name
 
 
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from gpt2_instruct import evaluation, pipeline
+from gpt2_instruct.params import EvaluateParams, GenerateParams
+stage, mode, root, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+def die_after(module, name, calls):
+    original, seen = getattr(module, name), []
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.append(1)
+        if len(seen) == calls:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    setattr(module, name, wrapper)
+if stage == "generate":
+    if mode == "die":
+        die_after(pipeline, "generate", 2)  # after the second batch of answers
+    pipeline.generate_responses(GenerateParams(max_new_tokens=4, batch_size=3, device="cpu"),
+                                root / "data/model", root / "data/prepared/test.json",
+                                out / "test.json")
+else:
+    if mode == "die":
+        die_after(evaluation, "write_per_entry_csv", 1)  # the table written, metrics not yet
+    pipeline.evaluate(EvaluateParams(batch_size=3, device="cpu"), root / "data/responses/test.json",
+                      root / "data/model", root / "data/tokenized", out / "eval.json",
+                      out / "per_entry.csv", out / "plots")
+"""
+
+
+@pytest.mark.parametrize("stage", ["generate", "evaluate"])
+def test_sigkill_during_generate_or_evaluate_then_rerun(run, tmp_path, stage):
+    """A killed stage leaves no metrics/answers file behind; the rerun equals a clean run."""
+
+    def launch(mode: str, out: Path) -> int:
+        command = [sys.executable, "-c", KILL_SCRIPT, stage, mode, str(run.root), str(out)]
+        return subprocess.run(command, timeout=180, check=False).returncode
+
+    assert launch("die", tmp_path / "killed") == -signal.SIGKILL
+    final = tmp_path / "killed" / ("test.json" if stage == "generate" else "eval.json")
+    assert not final.exists()
+    assert launch("ok", tmp_path / "killed") == 0
+    assert launch("ok", tmp_path / "clean") == 0
+    names = ["test.json"] if stage == "generate" else ["eval.json", "per_entry.csv"]
+    for name in names:
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+    if stage == "generate":
+        assert (tmp_path / "clean/test.json").read_bytes() == run.responses.read_bytes()
+
+
 def test_tokenize_phi3_differs(run, tmp_path, tokenizer):
     out = tmp_path / "tokenized"
     pipeline.tokenize(
