@@ -122,12 +122,13 @@ def test_string_for_int_rejected(tmp_path):
     assert "integer" in message
 
 
-def test_yaml_5e_minus_5_is_text_and_the_error_says_how_to_write_it(tmp_path):
-    assert yaml.safe_load("lr: 5e-5") == {"lr": "5e-5"}  # PyYAML (YAML 1.1) quirk
-    message = _error(tmp_path, "finetune:\n  lr: 5e-5\n")
-    assert "finetune.lr" in message
-    assert "5.0e-5" in message
+def test_params_are_read_as_yaml_1_2_so_dvc_written_floats_are_numbers(tmp_path):
+    # `dvc exp run -S finetune.lr=5e-5` writes `lr: 5e-05`; PyYAML (YAML 1.1) reads text.
+    assert yaml.safe_load("lr: 5e-05") == {"lr": "5e-05"}
+    assert load_params(_write(tmp_path, "finetune:\n  lr: 5e-05\n")).finetune.lr == 5e-5
     assert load_params(_write(tmp_path, "finetune:\n  lr: 5.0e-5\n")).finetune.lr == 5e-5
+    message = _error(tmp_path, "finetune:\n  lr: '5e-5'\n")  # quoted: really a string
+    assert "finetune.lr" in message and "expected a number" in message
 
 
 @pytest.mark.parametrize(

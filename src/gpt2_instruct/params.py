@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from gpt2_instruct.model import GPT2_CONFIGS
 
@@ -303,14 +303,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return _build(hint, value, where)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ParamsError(
-                f"{where}: expected a number, got {value!r}"
-                + (
-                    " (write 5.0e-5, not 5e-5: YAML 1.1 reads that as text)"
-                    if isinstance(value, str)
-                    else ""
-                )
-            )
+            raise ParamsError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ParamsError(f"{where}: expected an integer, got {value!r}")
@@ -343,10 +336,12 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate the whole params file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        # YAML 1.2, as DVC writes params (`dvc exp run -S finetune.lr=5e-5` saves 5e-05,
+        # which a YAML 1.1 reader such as PyYAML would hand back as a string).
+        raw = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError as err:
         raise ParamsError(f"{path}: not found (run from the repository root)") from err
-    except yaml.YAMLError as err:
+    except YAMLError as err:
         problem = " ".join(str(err).split())  # PyYAML's message spans lines; keep one
         raise ParamsError(f"{path}: not valid YAML ({problem})") from err
     if not isinstance(raw, dict):
