@@ -18,6 +18,7 @@ from typing import TextIO
 import torch
 
 from gpt2_instruct.data import PROMPT_STYLES, Entry, extract_response, format_prompt
+from gpt2_instruct.devices import resolve_device
 from gpt2_instruct.generation import SamplingConfig, generate
 from gpt2_instruct.model import GPTModel
 from gpt2_instruct.tokenizer import ENCODER_JSON, VOCAB_BPE, Tokenizer, load_tokenizer
@@ -252,15 +253,10 @@ def _sampling(args: argparse.Namespace) -> SamplingConfig:
 
 def _device(name: str) -> torch.device:
     """``auto`` picks CUDA when present: chat latency matters more than bit-exactness."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
-    return device
+        return resolve_device(name)
+    except ValueError as err:
+        raise ValueError(f"--{err}") from None
 
 
 def _load(args: argparse.Namespace, sampling: SamplingConfig) -> tuple[GPTModel, Tokenizer, str]:

@@ -58,6 +58,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gpt2_instruct.devices import resolve_device
 from gpt2_instruct.model import GPTModel
 from gpt2_instruct.params import DistributedParams
 
@@ -124,16 +125,14 @@ def maybe_relaunch(nproc: int, argv: list[str]) -> int | None:
 
 def rank_device(name: str, world: World) -> torch.device:
     """The device of this rank: ``auto``/``cuda`` become ``cuda:LOCAL_RANK`` when distributed."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if world.size == 1 or device.type != "cuda":
-        return device
-    if device.index is not None:
+    if world.size > 1 and name.startswith("cuda:"):
         raise ValueError(
             f"device {name!r} pins one GPU for every rank; with distributed training use "
             "'auto' or 'cuda' (each rank takes cuda:LOCAL_RANK)"
         )
+    device = resolve_device(name)
+    if world.size == 1 or device.type != "cuda":
+        return device
     if world.local_rank >= torch.cuda.device_count():
         raise ValueError(
             f"local rank {world.local_rank} has no GPU: only {torch.cuda.device_count()} "

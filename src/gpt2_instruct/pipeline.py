@@ -35,6 +35,7 @@ from gpt2_instruct.data import (
     split_entries,
     write_entries,
 )
+from gpt2_instruct.devices import resolve_device
 from gpt2_instruct.download import fetch, local_path
 from gpt2_instruct.generation import SamplingConfig, generate
 from gpt2_instruct.io import atomic_dir, atomic_open, write_json
@@ -50,7 +51,7 @@ from gpt2_instruct.params import (
     to_dict,
 )
 from gpt2_instruct.tokenizer import BPE_SHA256, ENCODER_JSON, VOCAB_BPE, load_tokenizer
-from gpt2_instruct.training import Trainer, resolve_device
+from gpt2_instruct.training import Trainer
 from gpt2_instruct.weights import (
     CONFIG_NAME,
     WEIGHTS_NAME,
