@@ -12,6 +12,7 @@ import hashlib
 import http.server
 import json
 import math
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from gpt2_instruct.batching import TokenizedSplit
 from gpt2_instruct.cli import load_instruct_model
 from gpt2_instruct.data import DataError, Entry, format_prompt, load_entries, write_entries
 from gpt2_instruct.download import DownloadError
-from gpt2_instruct.model import GPTConfig, GPTModel
+from gpt2_instruct.model import GPT2_CONFIGS, GPTConfig, GPTModel
 from gpt2_instruct.params import (
     DownloadParams,
     EvaluateParams,
@@ -46,6 +47,7 @@ from gpt2_instruct.params import (
 )
 from gpt2_instruct.tokenizer import ENCODER_JSON, ENDOFTEXT, VOCAB_BPE, load_tokenizer
 from gpt2_instruct.training import CHECKPOINT_NAME
+from gpt2_instruct.weights import WeightsError, load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # "Ċ" is GPT-2's character for the newline byte: "Ċ Ċ" merges "\n\n".
@@ -756,3 +758,62 @@ def test_evaluate_without_a_judge_server_still_writes_offline_metrics(run, tmp_p
     assert summary["judge_count"] == 0
     saved = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
     assert saved["count"] == summary["count"] and math.isfinite(saved["rougeL"])
+
+
+def _serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, list[str]]:
+    """A static file server on 127.0.0.1 that records the paths it was asked for."""
+    requested: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def do_GET(self):
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, requested
+
+
+def test_fetch_gpt2_from_a_hub_url_layout(tmp_path, bpe_dir, tokenizer, monkeypatch):
+    """The hub source asks for <hub>/openai-community/<model>/resolve/<revision>/<file>."""
+    transformers = pytest.importorskip("transformers")
+    repo = tmp_path / "hub/openai-community/gpt2/resolve/v1"
+    shape = GPT2_CONFIGS["gpt2"]
+    config = transformers.GPT2Config(
+        vocab_size=tokenizer.vocab_size, n_positions=32, n_embd=shape.n_embd,
+        n_layer=shape.n_layer, n_head=shape.n_head,
+    )  # fmt: skip
+    transformers.GPT2LMHeadModel(config).save_pretrained(repo)
+    shutil.copytree(repo, tmp_path / "hub/openai-community/gpt2-medium/resolve/v1")
+    (tmp_path / "hub/bpe").mkdir()
+    for name in (ENCODER_JSON, VOCAB_BPE):
+        (tmp_path / "hub/bpe" / name).write_bytes((bpe_dir / name).read_bytes())
+    pins = {name: _sha256(bpe_dir / name) for name in (ENCODER_JSON, VOCAB_BPE)}
+    monkeypatch.setattr(pipeline, "BPE_SHA256", pins)
+    server, requested = _serve(tmp_path / "hub")
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        params = FetchParams(source="hub", model="gpt2", revision="v1", hub_url=base,
+                             bpe_source=f"{base}/bpe")  # fmt: skip
+        pipeline.fetch_gpt2(params, tmp_path / "encoding", tmp_path / "base")
+        wrong = FetchParams(source="hub", model="gpt2-medium", revision="v1", hub_url=base,
+                            bpe_source=f"{base}/bpe")  # fmt: skip
+        with pytest.raises(WeightsError, match="does not have the shape of gpt2-medium"):
+            pipeline.fetch_gpt2(wrong, tmp_path / "encoding2", tmp_path / "base2")
+        missing = FetchParams(source="hub", model="gpt2-large", revision="v1", hub_url=base,
+                              bpe_source=f"{base}/bpe")  # fmt: skip
+        with pytest.raises(DownloadError, match="404"):
+            pipeline.fetch_gpt2(missing, tmp_path / "encoding3", tmp_path / "base3")
+    finally:
+        server.shutdown()
+    assert "/openai-community/gpt2/resolve/v1/model.safetensors" in requested
+    assert "/openai-community/gpt2/resolve/v1/config.json" in requested
+    loaded = load_model(tmp_path / "base")
+    assert loaded.config.n_layer == shape.n_layer and loaded.config.context_length == 32
+    assert not (tmp_path / "base2").exists() and not (tmp_path / "base3").exists()
