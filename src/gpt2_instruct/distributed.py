@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -189,6 +190,11 @@ def process_group(params: DistributedParams, device: str) -> Iterator[World]:
             )
             _log(f"distributed: {world.size} processes{note}, backend {backend}")
         yield world
+        # Clean exit: all ranks meet, then give gloo's worker threads a moment to release
+        # finished work. They need the GIL for that, and destroying the group below joins
+        # them while holding it: without the pause that join can deadlock.
+        dist.barrier()
+        time.sleep(0.2)
     finally:
         dist.destroy_process_group()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import signal
 import threading
@@ -420,6 +421,16 @@ class Trainer:
             [loss / self.world.size, positions, float(stop)], self.device
         )
         return total, int(positions_sum), stops > 0
+
+    def release_distributed(self) -> None:
+        """Drop the DDP wrapper while the process group still exists.
+
+        DDP's reducer holds the group; freed later (when the trainer goes), the group's
+        destructor would run outside the process-group context and can deadlock.
+        """
+        if self.ddp is not None:
+            self.ddp = None
+            gc.collect()
 
     @property
     def _trainable(self) -> list[torch.nn.Parameter]:
