@@ -319,20 +319,24 @@ class GPTModel(nn.Module):
         see ``Packing``) and projects onto the vocabulary only where a target
         counts, the largest matrix product of all.
         """
-        packing = Packing.for_targets(targets)
-        hidden = self.hidden_states(idx, packing=packing)  # (N, C)
-        targets = packing.pack(targets)  # (N,)
-        keep = targets != IGNORE_INDEX
-        logits = self.head(hidden[keep])  # (K, V)
-        return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+        logits, counted, _, _ = self._counted_logits(idx, targets)
+        return F.cross_entropy(logits, counted, reduction=reduction)
 
     def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position cross-entropy (B, T), zero where the target is ignored."""
+        logits, counted, packing, keep = self._counted_logits(idx, targets)
+        losses = torch.zeros(keep.shape[0], dtype=torch.float32, device=targets.device)
+        losses[keep] = F.cross_entropy(logits, counted, reduction="none")
+        return packing.unpack(losses[:, None]).view(targets.shape)
+
+    def _counted_logits(
+        self, idx: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Packing, torch.Tensor]:
+        """fp32 logits (K, V) and targets (K,) of the counted positions, the packing and the
+        mask (N,) of counted positions among the packed ones."""
         packing = Packing.for_targets(targets)
         hidden = self.hidden_states(idx, packing=packing)  # (N, C)
-        packed_targets = packing.pack(targets)
+        packed_targets = packing.pack(targets)  # (N,)
         keep = packed_targets != IGNORE_INDEX
-        losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=targets.device)
-        logits = self.head(hidden[keep])
-        losses[keep] = F.cross_entropy(logits.float(), packed_targets[keep], reduction="none")
-        return packing.unpack(losses[:, None]).view(targets.shape)
+        logits = self.head(hidden[keep])  # (K, V): the vocabulary only where it counts
+        return logits.float(), packed_targets[keep], packing, keep

@@ -375,10 +375,7 @@ class Trainer:
                 loss = self.model.loss(inputs, targets)
             loss.backward()
             return loss.item(), inputs.numel(), int((targets != IGNORE_INDEX).sum())
-        micro = [
-            self._collate(indices[i : i + p.micro_batch_size], self.train_split)
-            for i in range(0, len(indices), p.micro_batch_size)
-        ]
+        micro = self._micro_batches(indices, p.micro_batch_size)
         counted = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
         total = 0.0
         for inputs, targets in micro:
@@ -387,6 +384,14 @@ class Trainer:
             loss.backward()
             total += loss.item()
         return total, sum(x.numel() for x, _ in micro), counted
+
+    def _micro_batches(
+        self, indices: list[int], size: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive micro-batches of ``size`` examples, each padded on its own."""
+        return self._collate_many(
+            [indices[i : i + size] for i in range(0, len(indices), size)], self.train_split
+        )
 
     def _forward_backward_ddp(
         self, indices: list[int], ddp: torch.nn.parallel.DistributedDataParallel
@@ -401,8 +406,7 @@ class Trainer:
         p, world = self.params, self.world
         share = len(indices) // world.size
         mine = indices[world.rank * share : (world.rank + 1) * share]
-        size = min(p.micro_batch_size or share, share)
-        micro = [self._collate(mine[i : i + size], self.train_split) for i in range(0, share, size)]
+        micro = self._micro_batches(mine, min(p.micro_batch_size or share, share))
         local = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
         counted = int(distributed.all_reduce_sum([local], self.device)[0])
         total = 0.0
