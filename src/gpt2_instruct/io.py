@@ -57,12 +57,6 @@ def write_json(dest: str | os.PathLike[str], obj: Any, *, indent: int | None = 2
         handle.write("\n")
 
 
-def write_text(dest: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` as UTF-8, atomically."""
-    with atomic_open(dest) as handle:
-        handle.write(text)
-
-
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory that replaces the directory ``dest`` on success."""
