@@ -1,4 +1,5 @@
-"""Data-parallel training: 2 CPU processes (gloo, under torchrun) learn what one process learns.
+"""Data-parallel training: 2 CPU processes (gloo, under torchrun) learn what one process learns,
+with DDP (a replica per rank) and with FSDP (the model sharded over the ranks).
 
 The torchrun workers run this file as a script (``python tests/test_distributed.py MODE OUT``),
 so the cases they train are the very ones the tests compare against. torchrun's
@@ -20,11 +21,19 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_training import PAD, RECIPE, TRAIN, VAL, VOCAB, fresh_model
+from torch.distributed.tensor import DTensor
 
 from gpt2_instruct import distributed
 from gpt2_instruct.distributed import World
-from gpt2_instruct.params import DistributedParams, FinetuneParams, ParamsError, load_params
+from gpt2_instruct.params import (
+    DistributedParams,
+    FinetuneParams,
+    LoRAParams,
+    ParamsError,
+    load_params,
+)
 from gpt2_instruct.training import CHECKPOINT_NAME, Trainer
 from gpt2_instruct.weights import save_model
 
@@ -37,7 +46,10 @@ CASES: dict[str, FinetuneParams] = {
     "full": RECIPE,
     "micro": dataclasses.replace(RECIPE, micro_batch_size=1, grad_clip=1.0, mask_prompt=True),
     "resume": dataclasses.replace(RECIPE, checkpoint_every=4),
+    # Frozen weights and trainable adapters (in FSDP: in the same shards).
+    "lora": dataclasses.replace(RECIPE, lora=LoRAParams(rank=2, alpha=4.0, dropout=0.0)),
 }
+STRATEGIES = ("ddp", "fsdp")
 INTERRUPT_AT = 7  # rank 1 gets SIGINT inside step 7; the ranks agree on it after step 8
 FAIL_AT = 2
 # Each rank sums the token losses of its half and the gradients meet in an all-reduce, while
@@ -49,9 +61,10 @@ ATOL = 1e-5
 
 
 # --------------------------------------------------------------- the workers
-def _train_cases(world: World, out: Path) -> None:
+def _train_cases(world: World, out: Path, strategy: str) -> None:
     results: dict[str, Any] = {}
-    for name, params in CASES.items():
+    for name, recipe in CASES.items():
+        params = dataclasses.replace(recipe, distributed=DistributedParams(strategy=strategy))
         checkpoints = out / f"checkpoints-{name}"
         trainer = Trainer(
             fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, world=world,
@@ -71,6 +84,7 @@ def _train_cases(world: World, out: Path) -> None:
                 raise AssertionError("not interrupted")
             except KeyboardInterrupt:
                 results["interrupted_at"] = trainer.state.step
+            trainer.release_distributed()
             if world.is_main:
                 shutil.copyfile(checkpoints / CHECKPOINT_NAME, out / "interrupted.pt")
             trainer = Trainer(
@@ -79,17 +93,27 @@ def _train_cases(world: World, out: Path) -> None:
             )  # fmt: skip
             assert trainer.load_checkpoint()
         state = trainer.train()
-        results[name] = {
-            "log": state.log,
-            "model": trainer.model.state_dict(),
-            "target_tokens": state.target_tokens,
-        }
+        held = sum(_local(q).numel() for q in trainer.model.parameters())
+        trainer.release_distributed()  # FSDP: rank 0 now holds the gathered, plain model
+        if world.is_main:
+            results[name] = {
+                "held_fraction": held / trainer.model.num_parameters(),
+                "log": state.log,
+                "model": trainer.model.state_dict(),
+                "target_tokens": state.target_tokens,
+            }
     if world.is_main:
         torch.save(results, out / "results.pt")
 
 
-def _fail(world: World) -> None:
-    trainer = Trainer(fresh_model(), TRAIN, VAL, RECIPE, pad_id=PAD, progress=False, world=world)
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this rank stores (a DTensor's shard)."""
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def _fail(world: World, strategy: str) -> None:
+    params = dataclasses.replace(RECIPE, distributed=DistributedParams(strategy=strategy))
+    trainer = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, world=world)
     original = trainer.optimizer.step
 
     def step(*args: Any, **kwargs: Any) -> Any:
@@ -107,10 +131,10 @@ def _worker(mode: str, out: Path) -> None:
         DistributedParams(nproc_per_node=WORLD, timeout_s=30), "cpu"
     ) as w:
         assert w.size == WORLD
-        if mode == "train":
-            _train_cases(w, out)
-        else:
-            _fail(w)
+        if mode in STRATEGIES:
+            _train_cases(w, out, strategy=mode)
+        else:  # "fail-ddp", "fail-fsdp"
+            _fail(w, strategy=mode.removeprefix("fail-"))
 
 
 def _launch(tmp_path: Path, mode: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -130,10 +154,13 @@ def _launch(tmp_path: Path, mode: str, timeout: float) -> subprocess.CompletedPr
 
 
 # ----------------------------------------------------------------- the tests
-@pytest.fixture(scope="module")
-def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("ddp")
-    result = _launch(out, "train", timeout=120)
+@pytest.fixture(scope="module", params=STRATEGIES)
+def trained(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
+    """The cases trained by 2 ranks with each strategy: (output directory, results)."""
+    out = tmp_path_factory.mktemp(request.param)
+    result = _launch(out, request.param, timeout=180)
     assert result.returncode == 0, result.stderr
     return out, torch.load(out / "results.pt", weights_only=True)
 
@@ -170,35 +197,40 @@ def _assert_same_training(trainer: Trainer, got: dict[str, Any], *, exact_tokens
         torch.testing.assert_close(got["model"][name], tensor, rtol=0, atol=ATOL, msg=name)
 
 
-def test_ddp_learns_what_one_process_learns(ddp: tuple[Path, dict[str, Any]]) -> None:
+def test_two_ranks_learn_what_one_process_learns(trained: tuple[Path, dict[str, Any]]) -> None:
     """Same loss log and weights; the evaluation draws keep both ranks' shuffles in step."""
-    _, results = ddp
+    out, results = trained
     _assert_same_training(_single(CASES["full"]), results["full"], exact_tokens=False)
+    # DDP keeps a whole replica on each rank; FSDP about half of every parameter (dim 0
+    # split 2 ways; rank 0 takes the odd row of the 61-token embedding).
+    held = results["full"]["held_fraction"]
+    assert held == 1.0 if out.name.startswith("ddp") else 0.5 <= held < 0.51
 
 
-def test_ddp_micro_batches_accumulate_the_global_gradient(
-    ddp: tuple[Path, dict[str, Any]],
+def test_micro_batches_on_two_ranks_accumulate_the_global_gradient(
+    trained: tuple[Path, dict[str, Any]],
 ) -> None:
-    _, results = ddp
+    _, results = trained
     # Micro-batches of 1 carry no padding, so even the position counts agree.
     _assert_same_training(_single(CASES["micro"]), results["micro"], exact_tokens=True)
 
 
-def test_ddp_interrupt_on_one_rank_stops_all_and_resumes_anywhere(
-    ddp: tuple[Path, dict[str, Any]], tmp_path: Path
+def test_interrupt_on_one_rank_stops_all_and_resumes_anywhere(
+    trained: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
-    out, results = ddp
+    out, results = trained
     # Rank 1's Ctrl-C, agreed on at the next step, stopped rank 0 at the same step.
     assert results["interrupted_at"] == INTERRUPT_AT + 1
     saved = torch.load(out / "interrupted.pt", weights_only=True)
     assert saved["train_state"]["step"] == INTERRUPT_AT + 1
-    # Resumed under DDP: bit for bit the uninterrupted DDP run (same ranks, same sums).
+    # Resumed with the same strategy: bit for bit the uninterrupted run (same ranks, same sums).
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in results["resume"]["log"]] == [
         {k: v for k, v in r.items() if k != "seconds"} for r in results["full"]["log"]
     ]
     for name, tensor in results["full"]["model"].items():
         assert torch.equal(results["resume"]["model"][name], tensor), name
-    # The DDP checkpoint also resumes in a single process, which then ends like one.
+    # The checkpoint (full, in the single-process layout, even from FSDP's shards) also
+    # resumes in a single process, which then ends like one.
     (tmp_path / "ckpt").mkdir()
     shutil.copyfile(out / "interrupted.pt", tmp_path / "ckpt" / CHECKPOINT_NAME)
     resumed = _single(CASES["resume"], tmp_path / "ckpt")
@@ -207,9 +239,17 @@ def test_ddp_interrupt_on_one_rank_stops_all_and_resumes_anywhere(
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=ATOL)
 
 
-def test_a_failing_rank_ends_the_job_with_its_error(tmp_path: Path) -> None:
+def test_lora_adapters_train_on_two_ranks_as_in_one_process(
+    trained: tuple[Path, dict[str, Any]],
+) -> None:
+    _, results = trained
+    _assert_same_training(_single(CASES["lora"]), results["lora"], exact_tokens=False)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path: Path, strategy: str) -> None:
     started = time.monotonic()
-    result = _launch(tmp_path, "fail", timeout=90)
+    result = _launch(tmp_path, f"fail-{strategy}", timeout=90)
     assert result.returncode != 0
     assert f"boom on rank 1 at step {FAIL_AT}" in result.stderr
     assert time.monotonic() - started < 60  # torchrun tore rank 0 down: no hang
@@ -253,14 +293,19 @@ finetune:
   distributed:
     nproc_per_node: {nproc}
     timeout_s: 60
+    strategy: {strategy}
 """
 
 
-def test_stage_relaunches_itself_under_torchrun(tmp_path: Path, write_bpe: Any) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_stage_relaunches_itself_under_torchrun(
+    tmp_path: Path, write_bpe: Any, strategy: str
+) -> None:
     from gpt2_instruct import pipeline  # here, not at the top: the workers start faster
 
     paths = _tiny_stage_inputs(tmp_path, write_bpe)
-    (tmp_path / "params.yaml").write_text(STAGE_PARAMS.format(nproc=2), encoding="utf-8")
+    text = STAGE_PARAMS.format(nproc=2, strategy=strategy)
+    (tmp_path / "params.yaml").write_text(text, encoding="utf-8")
     args = [arg for name, path in paths.items() for arg in (f"--{name}", str(path))]
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "stages/finetune.py"), *args],
@@ -297,6 +342,12 @@ def test_stage_relaunches_itself_under_torchrun(tmp_path: Path, write_bpe: Any) 
     for got, want in zip(got_log, want_log, strict=True):
         for key in ("train_loss", "val_loss", "batch_loss"):
             assert float(got[key]) == pytest.approx(float(want[key]), abs=ATOL)
+    # The exported weights (under FSDP: gathered from the shards) are the same model.
+    got_model = load_file(paths["out"] / "model.safetensors")
+    want_model = load_file(single_paths["out"] / "model.safetensors")
+    assert got_model.keys() == want_model.keys()
+    for name, tensor in want_model.items():
+        torch.testing.assert_close(got_model[name], tensor, rtol=0, atol=ATOL, msg=name)
 
 
 # --------------------------------------------------------- checks, no processes
@@ -309,14 +360,6 @@ def test_batch_size_must_split_evenly_over_the_processes(tmp_path: Path) -> None
     params = dataclasses.replace(RECIPE, batch_size=3)
     with pytest.raises(ValueError, match=r"batch_size \(3\) must be divisible .* processes \(2\)"):
         Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, world=World(size=2))
-
-
-def test_fsdp_is_rejected_not_pretended(tmp_path: Path) -> None:
-    (tmp_path / "params.yaml").write_text(
-        "finetune:\n  distributed:\n    strategy: fsdp\n", encoding="utf-8"
-    )
-    with pytest.raises(ParamsError, match="fsdp is not implemented"):
-        load_params(tmp_path / "params.yaml")
 
 
 def test_relaunch_only_when_asked_and_not_already_under_torchrun(

@@ -30,18 +30,23 @@ non-zero with its summary. A rank stuck in a collective fails after ``timeout_s`
 (gloo, and NCCL's watchdog). Ctrl-C is agreed on by all ranks at a step boundary, so they
 stop together and rank 0 writes a checkpoint (torchrun waits 30 s before SIGKILL).
 
-FSDP (not implemented)
-----------------------
-DDP keeps a full replica per GPU, plus its all-reduce buckets (~4 bytes per parameter).
+FSDP (``strategy: fsdp``)
+------------------------
+DDP keeps a full replica per process, plus its all-reduce buckets (~4 bytes per parameter).
 Full fine-tuning with fp32 AdamW needs ~16 bytes per parameter (4 weight + 4 gradient +
 8 for Adam's two moments) plus activations: gpt2-medium (355M) ~5.7 GB, gpt2-large (774M)
-~12.4 GB, gpt2-xl (1.56B) ~25 GB before activations, beyond one 24 GB GPU. Sharding
-weights, gradients and optimizer state (FSDP2's ``torch.distributed.fsdp.fully_shard``,
-ZeRO-3) would divide those 25 GB by the number of GPUs. ``strategy: fsdp`` is reserved in
-params and rejected as "not implemented": it needs every rank to evaluate (sharded forward
-passes), ``register_fsdp_forward_method`` for ``GPTModel.loss``, and full state dicts
-gathered for checkpoints and export. Until then, gpt2-xl on 24 GB GPUs: LoRA
-(``finetune.lora.rank``), bf16 and micro-batches, with DDP.
+~12.4 GB, gpt2-xl (1.56B) ~25 GB before activations, beyond one 24 GB GPU. FSDP2
+(``torch.distributed.fsdp.fully_shard``, ZeRO-3) keeps 1/N of the weights, gradients and
+optimizer state on each of N ranks and gathers one transformer block's weights at a time
+for the forward and backward passes: gpt2-xl's 25 GB become ~6.3 GB per GPU on 4 GPUs,
+plus one block's full weights and the activations. ``bench/fsdp_memory.py`` measures it.
+
+The recipe is the same: every rank trains its share of the global batch and the
+reduce-scatter averages gradients as DDP's all-reduce does. What differs: the forward
+passes are collective, so every rank runs the periodic evaluation (on the same batches,
+rank 0 logs it); checkpoints hold full (gathered) weights and optimizer state in the
+single-process layout, so a run resumes under any strategy and world size; at the end
+the ranks gather the weights once and rank 0 keeps a plain model for export.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -235,3 +241,86 @@ def all_equal(value: int, device: torch.device) -> bool:
 def barrier(device: torch.device) -> None:
     """Wait for every rank; an all-reduce, which needs no device hint on any backend."""
     all_reduce_sum([0.0], device)
+
+
+# ---------------------------------------------------------------------- FSDP
+def shard_fsdp(model: GPTModel, device: torch.device, world: World) -> None:
+    """Shard ``model`` in place over every rank: one FSDP unit per block, the rest in the root.
+
+    The root unit holds the embeddings (the tied output head with them), the final norm
+    and any head adapter; ``GPTModel.loss`` becomes a method that gathers them.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (world.size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    register_fsdp_forward_method(model, "loss")
+
+
+def _full_options(*, gather: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=gather)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The gathered weights of a sharded model, on CPU on rank 0 ({} on the others).
+
+    Every rank must call it (the gathers are collective).
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(gather=True))
+
+
+def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """Each optimizer group's parameter names, in the group's order."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [[names[id(param)] for param in group["params"]] for group in optimizer.param_groups]
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The gathered optimizer state in ``optimizer.state_dict()``'s layout, on rank 0.
+
+    PyTorch's full state dict names parameters; a single process numbers them in group
+    order. Numbering them here lets a sharded run's checkpoint resume in one process
+    (and the other way round). {} on ranks other than 0; every rank must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    named = get_optimizer_state_dict(model, optimizer, options=_full_options(gather=True))
+    if not named:
+        return {}
+    index = {
+        name: i for i, name in enumerate(n for g in _optimizer_names(model, optimizer) for n in g)
+    }
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]
+    return {"state": {index[n]: v for n, v in named["state"].items()}, "param_groups": groups}
+
+
+def load_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+) -> None:
+    """Shard a full (single-process layout) checkpoint into this rank's model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    group_names = _optimizer_names(model, optimizer)
+    flat = [name for names in group_names for name in names]
+    named = {
+        "state": {flat[int(i)]: v for i, v in optimizer_state["state"].items()},
+        "param_groups": [
+            {**saved, "params": names}
+            for saved, names in zip(optimizer_state["param_groups"], group_names, strict=True)
+        ],
+    }
+    set_model_state_dict(model, model_state, options=_full_options(gather=False))
+    set_optimizer_state_dict(model, optimizer, named, options=_full_options(gather=False))

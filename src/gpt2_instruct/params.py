@@ -127,12 +127,13 @@ class LoRAParams:
 
 @dataclass(frozen=True)
 class DistributedParams:
-    """Data-parallel training over several processes (DDP); 1 process is the plain loop.
+    """Data-parallel training over several processes (DDP or FSDP); 1 is the plain loop.
 
     ``nproc_per_node > 1`` makes ``stages/finetune.py`` relaunch itself under
     torchrun; ``batch_size`` stays the global batch, split evenly over the ranks.
-    ``strategy: fsdp`` (sharded weights, for models whose AdamW state does not
-    fit one GPU) is reserved and rejected: see ``gpt2_instruct.distributed``.
+    ``strategy: fsdp`` shards weights, gradients and AdamW state over the ranks
+    (for models whose training state does not fit one GPU): see
+    ``gpt2_instruct.distributed``.
     """
 
     nproc_per_node: int = 1
@@ -143,10 +144,6 @@ class DistributedParams:
     def __post_init__(self) -> None:
         _check(self.nproc_per_node > 0, "nproc_per_node must be > 0 (1: a single process)")
         _check(self.timeout_s > 0, "timeout_s must be > 0")
-        _check(
-            self.strategy == "ddp",
-            "strategy fsdp is not implemented (see gpt2_instruct.distributed); use ddp",
-        )
 
 
 @dataclass(frozen=True)

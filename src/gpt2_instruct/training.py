@@ -8,8 +8,9 @@ learned: the vocabulary projection only where targets count, fused AdamW,
 validation batches collated once, inference mode for evaluation.
 
 Given a ``World`` of several processes (under torchrun, see ``distributed``),
-each rank trains on its share of every batch through DistributedDataParallel
-and rank 0 alone evaluates, logs and writes checkpoints.
+each rank trains on its share of every batch, through DistributedDataParallel
+(rank 0 alone evaluates) or with the model sharded by FSDP (every rank takes part
+in evaluation); rank 0 alone logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -126,8 +127,15 @@ class Trainer:
                 targets=lora.targets,
             )  # fmt: skip
         self.trainable_parameters = trainable_parameters(self.model)
-        # The wrapper all ranks train through; self.model stays the plain (unwrapped) model.
-        self.ddp = distributed.wrap_ddp(self.model, self.device) if self.world.size > 1 else None
+        # DDP: a wrapper all ranks train through, self.model stays the plain model.
+        # FSDP: self.model itself is sharded in place (its parameters become DTensors).
+        parallel = self.world.size > 1
+        self.sharded = parallel and params.distributed.strategy == "fsdp"
+        self.ddp = (
+            distributed.wrap_ddp(self.model, self.device) if parallel and not self.sharded else None
+        )
+        if self.sharded:
+            distributed.shard_fsdp(self.model, self.device, self.world)
         self.last_grad_norm: float | None = None  # before clipping; only when clipping
         self.optimizer = build_optimizer(
             self.model,
@@ -137,8 +145,9 @@ class Trainer:
             fused=params.fused_optimizer or None,
         )
         self.state = TrainState()
-        # Only rank 0 evaluates: the other ranks keep no evaluation batches on their device.
-        main = self.world.is_main
+        # Under DDP only rank 0 evaluates: the others keep no evaluation batches on their
+        # device. Sharded forward passes need every rank.
+        main = self.world.is_main or self.sharded
         self._val_batches = self._collate_many(self._val_eval_indices(), val) if main else []
         self._fixed_train_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if params.eval_train == "fixed" and main:
@@ -198,8 +207,8 @@ class Trainer:
 
     def evaluate(self) -> tuple[float, float]:
         """(train loss, val loss) as the reference's ``evaluate_model`` computes them."""
-        if not self.world.is_main:
-            raise RuntimeError("only rank 0 evaluates (the others hold no evaluation batches)")
+        if not (self.world.is_main or self.sharded):
+            raise RuntimeError("under DDP only rank 0 evaluates (the others hold no batches)")
         indices = self._draw_eval_train_indices()
         if indices is None:
             assert self._fixed_train_batches is not None
@@ -210,13 +219,22 @@ class Trainer:
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        """Rank 0 writes (every rank holds the same state); all ranks call it, then wait."""
+        """Rank 0 writes; all ranks call it (FSDP gathers the shards first), then wait.
+
+        The layout is the single-process one whatever the strategy, so a checkpoint
+        resumes under any strategy and world size.
+        """
         if self.checkpoint_dir is None:
             return
+        if self.sharded:
+            model_state = distributed.full_model_state(self.model)
+            optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
+        elif self.world.is_main:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         if self.world.is_main:
             state = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "order_rng": self.order.state(),
                 "torch_rng": torch.get_rng_state(),
                 "train_state": vars(self.state),
@@ -224,7 +242,7 @@ class Trainer:
             }
             with atomic_path(self.checkpoint_dir / CHECKPOINT_NAME) as tmp:
                 torch.save(state, tmp)
-        if self.ddp is not None:
+        if self.world.size > 1:
             distributed.barrier(self.device)
 
     def remove_checkpoint(self) -> None:
@@ -239,7 +257,7 @@ class Trainer:
         checkpoint directory that not every node shares would split the job).
         """
         resumed = self._load_checkpoint()
-        if self.ddp is not None and not distributed.all_equal(
+        if self.world.size > 1 and not distributed.all_equal(
             self.state.step if resumed else -1, self.device
         ):
             raise RuntimeError(
@@ -255,7 +273,9 @@ class Trainer:
         path = self.checkpoint_dir / CHECKPOINT_NAME
         if not path.is_file():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        # Sharded: every rank maps the full file and keeps its own shards of it.
+        device = "cpu" if self.sharded else self.device
+        state = torch.load(path, map_location=device, weights_only=True, mmap=self.sharded)
         # How many processes trained does not change what is learned: resume under any.
         saved = {k: v for k, v in state["params"].items() if k != "distributed"}
         current = {k: v for k, v in dataclasses.asdict(self.params).items() if k != "distributed"}
@@ -264,8 +284,13 @@ class Trainer:
             if self.world.is_main:
                 print(f"{path}: params changed ({', '.join(changed)}); starting afresh")
             return False
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            distributed.load_full_state(
+                self.model, self.optimizer, state["model"], state["optimizer"]
+            )
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.order.restore(state["order_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.state = TrainState(**state["train_state"])
@@ -320,7 +345,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss, positions, counted = self._forward_backward(indices)
             stop = bool(interrupted)
-            if self.ddp is not None:  # whole-batch figures, and one decision for all ranks
+            if self.world.size > 1:  # whole-batch figures, and one decision for all ranks
                 loss, positions, stop = self._reduce_step(loss, positions, stop)
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
@@ -344,11 +369,13 @@ class Trainer:
                     bar.set_postfix(
                         train=f"{s.log[-1]['train_loss']:.3f}", val=f"{s.log[-1]['val_loss']:.3f}"
                     )
+                elif self.sharded:
+                    self.evaluate()  # its sharded forward passes need this rank too
                 else:
                     self._draw_eval_train_indices()
             if p.checkpoint_every and s.step % p.checkpoint_every == 0:
                 self.save_checkpoint()
-            if self.ddp is None:  # one process: a Ctrl-C up to here counts; DDP: the agreed one
+            if self.world.size == 1:  # a Ctrl-C up to here counts; distributed: the agreed one
                 stop = bool(interrupted)
             if stop:
                 bar.close()
@@ -367,8 +394,8 @@ class Trainer:
         whole batch's target count, so the gradient is the full batch's.
         """
         p = self.params
-        if self.ddp is not None:
-            return self._forward_backward_ddp(indices, self.ddp)
+        if self.world.size > 1:
+            return self._forward_backward_parallel(indices)
         if p.micro_batch_size is None or p.micro_batch_size >= len(indices):
             inputs, targets = self._collate(indices, self.train_split)
             with autocast(self.device, p.precision):
@@ -393,15 +420,13 @@ class Trainer:
             [indices[i : i + size] for i in range(0, len(indices), size)], self.train_split
         )
 
-    def _forward_backward_ddp(
-        self, indices: list[int], ddp: torch.nn.parallel.DistributedDataParallel
-    ) -> tuple[float, int, int]:
+    def _forward_backward_parallel(self, indices: list[int]) -> tuple[float, int, int]:
         """This rank's share of the batch; (local loss, local positions, global count).
 
         Each rank's loss is its summed token losses over the whole batch's target
-        count, times the world size: DDP averages the ranks' gradients, which then
-        sum to the gradient of the whole batch's mean loss. Gradients are exchanged
-        once per step, at the last micro-batch.
+        count, times the world size: DDP and FSDP average the ranks' gradients, which
+        then sum to the gradient of the whole batch's mean loss. Gradients are
+        exchanged once per step, at the last micro-batch.
         """
         p, world = self.params, self.world
         share = len(indices) // world.size
@@ -410,14 +435,21 @@ class Trainer:
         local = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
         counted = int(distributed.all_reduce_sum([local], self.device)[0])
         total = 0.0
+        loss_of = self.ddp if self.ddp is not None else self.model.loss
         for i, (inputs, targets) in enumerate(micro):
-            last = i == len(micro) - 1
-            with contextlib.nullcontext() if last else ddp.no_sync():
+            with self._gradient_sync(i == len(micro) - 1):
                 with autocast(self.device, p.precision):
-                    loss = ddp(inputs, targets, reduction="sum") / counted * world.size
+                    loss = loss_of(inputs, targets, reduction="sum") / counted * world.size
                 loss.backward()
             total += loss.item()
         return total, sum(x.numel() for x, _ in micro), counted
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Exchange gradients in this backward pass only if ``sync`` (the last micro-batch)."""
+        if self.ddp is not None:
+            return contextlib.nullcontext() if sync else self.ddp.no_sync()
+        self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]  # FSDP's
+        return contextlib.nullcontext()
 
     def _reduce_step(self, loss: float, positions: int, stop: bool) -> tuple[float, int, bool]:
         """The whole batch's loss and positions, and whether any rank was interrupted."""
@@ -427,14 +459,34 @@ class Trainer:
         return total, int(positions_sum), stops > 0
 
     def release_distributed(self) -> None:
-        """Drop the DDP wrapper while the process group still exists.
+        """Leave the distributed engine while the process group still exists; all ranks call it.
 
-        DDP's reducer holds the group; freed later (when the trainer goes), the group's
-        destructor would run outside the process-group context and can deadlock.
+        DDP: drop the wrapper. Its reducer holds the group; freed later (when the trainer
+        goes), the group's destructor would run outside the process-group context and can
+        deadlock. FSDP: gather the weights; rank 0 then holds a plain model to export and
+        evaluate, the others hold none.
         """
+        if self.sharded:
+            state = distributed.full_model_state(self.model)
+            self.sharded = False
+            self.model = self._plain_model(state) if self.world.is_main else None  # type: ignore[assignment]
+            self.optimizer = None  # type: ignore[assignment]  # over the sharded parameters
         if self.ddp is not None:
             self.ddp = None
-            gc.collect()
+        gc.collect()
+
+    def _plain_model(self, state: dict[str, torch.Tensor]) -> GPTModel:
+        """An unsharded model (with this run's adapters, if any) holding ``state``."""
+        with torch.device("meta"):
+            model = GPTModel(self.model.config)
+        lora = self.params.lora
+        if lora.rank:
+            apply_lora(
+                model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                targets=lora.targets,
+            )  # fmt: skip
+        model.load_state_dict(state, assign=True)
+        return model.to(self.device).train()
 
     @property
     def _trainable(self) -> list[torch.nn.Parameter]:
