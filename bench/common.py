@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from gpt2_instruct.batching import BatchOrder, TokenizedSplit, collate
+from gpt2_instruct.devices import reuse_freed_memory
 from gpt2_instruct.model import GPT2_CONFIGS, GPTModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,11 @@ def base_parser(description: str, *, default_model: str = "gpt2") -> argparse.Ar
     )
     parser.add_argument("--seed", type=int, default=123, help="seed of the random weights")
     parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc settings (the stages keep freed memory for reuse)",
+    )
+    parser.add_argument(
         "--data-dir",
         type=Path,
         default=SHARED_DATA,
@@ -102,6 +108,14 @@ def set_threads(threads: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def set_malloc(system: bool) -> str:
+    """Keep freed memory as the stages do (``reuse_freed_memory``) unless ``system``.
+
+    Applies to both models of a comparison alike (one process). Returns the mode in use.
+    """
+    return "reuse" if not system and reuse_freed_memory() else "system"
 
 
 # -------------------------------------------------------------------- timing

@@ -42,6 +42,7 @@ from common import (
     peak_rss_gb,
     print_result,
     resolve_device,
+    set_malloc,
     set_threads,
     timed,
 )
@@ -148,6 +149,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     threads = set_threads(args.threads)
+    malloc = set_malloc(args.system_malloc)
     data = load_data(args.data_dir, synthetic=args.synthetic)
     eos = data.pad_id
     prompts = data.test_prompts[: args.prompts]
@@ -226,6 +228,7 @@ def main() -> None:
         "threads": threads,
         "peak_rss_gb": peak_rss_gb(),
         **machine_info(device),
+        "malloc": malloc,
     }
     print_result(result)
 

@@ -53,6 +53,7 @@ from common import (
     peak_rss_gb,
     print_result,
     resolve_device,
+    set_malloc,
     set_threads,
     sync,
     timed,
@@ -174,6 +175,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     threads = set_threads(args.threads)
+    malloc = set_malloc(args.system_malloc)
     data = load_data(args.data_dir, synthetic=args.synthetic)
     try:
         config = load_params(args.params)
@@ -358,6 +360,7 @@ def main() -> None:
         "data": data.source,
         "threads": threads,
         **machine_info(device),
+        "malloc": malloc,
     }
     print_result(result)
 

@@ -50,6 +50,7 @@ from common import (
     peak_rss_gb,
     print_result,
     resolve_device,
+    set_malloc,
     set_threads,
     time_steps,
     timed,
@@ -98,6 +99,7 @@ def summarize(name: str, times: list[float], losses: list[torch.Tensor]) -> dict
     result = {
         "step_s": mean(times),
         "step_s_min": min(times),
+        "step_times_s": [round(t, 4) for t in times],
         "first_loss": float(losses[0]),
         "last_loss": float(losses[-1]),
     }
@@ -185,6 +187,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     threads = set_threads(args.threads)
+    malloc = set_malloc(args.system_malloc)
     data = load_data(args.data_dir, synthetic=args.synthetic)
     count = args.warmup + args.steps
     indices = first_batches(data.train, count, batch_size=args.batch_size, mode=args.batch_order)
@@ -299,6 +302,7 @@ def main() -> None:
                 "square-matmul peak of the run's dtype (see peak_matmul_sizes)"
             ),
             **machine_info(device),
+            "malloc": malloc,
         }
     )
     if both and not out["losses_agree"]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2_instruct.model import GPT2_CONFIGS, GPTModel
+from gpt2_instruct.model import GPT2_CONFIGS, GPTConfig, GPTModel
 from gpt2_instruct.weights import load_model, save_model
 
 transformers = pytest.importorskip("transformers")
@@ -100,3 +100,29 @@ def test_random_model_round_trips(tmp_path: Path) -> None:
         model.state_dict().items(), again.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_bf16_training_on_cpu_takes_the_math_attention_kernel_with_the_same_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bf16 + CPU + gradients: SDPA's math kernel (a faster backward there), same numbers."""
+    import contextlib
+
+    from gpt2_instruct import model as model_module
+
+    torch.manual_seed(0)
+    attn = model_module.MultiHeadAttention(GPTConfig(n_embd=64, n_head=4, n_layer=1))
+    x = torch.randn(2, 40, 64)
+
+    def qkv_grad(precision: str) -> torch.Tensor:
+        attn.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            attn(x).float().square().sum().backward()
+        return attn.qkv.weight.grad.clone()
+
+    exact, ours = qkv_grad("fp32"), qkv_grad("bf16")
+    monkeypatch.setattr(model_module, "_attention_backend", lambda q: contextlib.nullcontext())
+    default = qkv_grad("bf16")  # SDPA's own choice: the flash kernel
+    assert not torch.equal(ours, default)  # another kernel ran ...
+    for bf16 in (ours, default):  # ... and both are bf16 roundings of the same gradient
+        torch.testing.assert_close(bf16, exact, rtol=0.05, atol=0.05 * exact.abs().max().item())

@@ -1,8 +1,16 @@
-"""Which torch device a stage, the chat command or a rank runs on."""
+"""Which torch device a stage, the chat command or a rank runs on, and how it uses host memory."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
+
 import torch
+
+# glibc's mallopt(3) parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
 
 
 def resolve_device(name: str) -> torch.device:
@@ -16,3 +24,26 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: CUDA is not available on this machine")
     return device
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc keep freed memory for the next allocation instead of unmapping it.
+
+    PyTorch's CPU tensors come straight from malloc. glibc serves blocks over 32 MB
+    (logits, the tied embedding's gradient, activations of a long batch) with a fresh
+    ``mmap`` and unmaps them on free, so every training step faults in ~1 GB of new
+    zeroed pages: a quarter of a gpt2-medium fp32 backward pass on our 2-core machine
+    (3.7 s -> 2.7 s without it; bench/README.md). Serving every block from the heap and
+    never trimming it keeps those pages: RSS stays at its high-water mark (+0.2-0.4 GB
+    measured). Nothing computed changes. True when applied; False off glibc (a no-op).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # Both documented in mallopt(3): 0 mmaps for large blocks, -1 disables trimming.
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))

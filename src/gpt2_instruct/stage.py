@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpt2_instruct.data import DataError
+from gpt2_instruct.devices import reuse_freed_memory
 from gpt2_instruct.download import DownloadError
 from gpt2_instruct.params import Params, ParamsError, load_params
 from gpt2_instruct.training import NonFiniteLossError
@@ -33,13 +34,15 @@ def run_stage(
     """Parse ``--name PATH`` options (defaults: dvc.yaml's paths), validate params, run ``body``.
 
     The whole params.yaml is validated before any work, so a typo in any
-    section fails every stage at once instead of hours later.
+    section fails every stage at once instead of hours later. Freed memory is kept
+    for reuse (``devices.reuse_freed_memory``): large tensors are allocated every step.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     for name, default in paths.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=Path, default=Path(default))
     args = vars(parser.parse_args(argv))
+    reuse_freed_memory()
     try:
         params = load_params(args.pop("params"))
         body(params, args)
