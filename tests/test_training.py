@@ -325,3 +325,16 @@ def test_lora_trains_adapters_only_and_exports_a_plain_gpt2(tmp_path: Path) -> N
         torch.testing.assert_close(reloaded(idx), adapted, rtol=0, atol=1e-5)
     changed = [k for k, v in reloaded.state_dict().items() if not torch.equal(v, original[k])]
     assert changed and all(".attn.qkv.weight" in k or ".ff.fc.weight" in k for k in changed)
+
+
+def test_finish_frees_gradients_and_optimizer_state_but_still_evaluates() -> None:
+    trainer = Trainer(fresh_model(), TRAIN, VAL, RECIPE, pad_id=PAD, progress=False)
+    trainer.train()
+    assert all(p.grad is not None for p in trainer.model.parameters())
+    assert len(trainer.optimizer.state) == len(list(trainer.model.parameters()))  # moments
+    _, val_before = trainer.evaluate()
+    trainer.finish()
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert trainer.optimizer is None
+    _, val_after = trainer.evaluate()  # the same weights, the same fixed validation batches
+    assert val_after == val_before

@@ -152,10 +152,10 @@ class GELU(nn.Module):
 def _attention_backend(q: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     """SDPA's math kernel for bf16 training on CPU, the default choice otherwise.
 
-    On CPU the flash kernel's bf16 backward runs ~2.7x slower than the math kernel's
-    at GPT-2 fine-tuning lengths (8 x 12 heads x 70 positions: 15.4 ms against 5.8 ms
-    forward + backward; bench/README.md); in fp32 the two are within 5%, and fp32 keeps
-    the default so that its results do not move.
+    On CPU the flash kernel's bf16 backward is ~3x slower than the math kernel's at
+    GPT-2 fine-tuning lengths (8 x 12 heads x 70 positions, forward + backward: 13.4 ms
+    against 4.3 ms; ``bench/attention.py``). In fp32 flash is the faster (3.8 against
+    5.3 ms) and stays, so fp32 results do not move. Inference keeps flash too.
     """
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad:
         return sdpa_kernel(SDPBackend.MATH)

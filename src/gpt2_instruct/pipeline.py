@@ -328,14 +328,14 @@ def finetune(
             _log(f"finetune: resumed from {checkpoints} at step {trainer.state.step}")
         if not world.is_main:
             trainer.train()
-            trainer.release_distributed()
+            trainer.finish()
             return {}
         with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
             for row in trainer.state.log:  # a resumed run re-logs what it restored
                 _log_live(live, row)
             trainer.on_log = lambda row: _log_live(live, row)
             state = trainer.train()
-        trainer.release_distributed()
+        trainer.finish()
     # The process group is gone: rank 0 writes the outputs while the other ranks exit.
 
     with atomic_open(log_tsv) as handle:

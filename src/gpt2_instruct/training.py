@@ -475,6 +475,20 @@ class Trainer:
             self.ddp = None
         gc.collect()
 
+    def finish(self) -> None:
+        """Free what only training needs, once training is over; all ranks call it.
+
+        Leaves the distributed engine (``release_distributed``) and drops the gradients
+        and AdamW's moments: 3/4 of full fine-tuning's memory (12 of 16 bytes per
+        parameter), so export and the final evaluation run beside the weights alone.
+        The trainer can still evaluate and export, not train.
+        """
+        self.release_distributed()
+        if self.model is not None:
+            self.model.zero_grad(set_to_none=True)
+        self.optimizer = None  # type: ignore[assignment]
+        gc.collect()
+
     def _plain_model(self, state: dict[str, torch.Tensor]) -> GPTModel:
         """An unsharded model (with this run's adapters, if any) holding ``state``."""
         with torch.device("meta"):
