@@ -54,7 +54,8 @@ def _worker(args: argparse.Namespace) -> None:
     from gpt2_instruct.training import Trainer
 
     torch.set_num_threads(args.threads)
-    reuse_freed_memory()  # as the finetune stage's ranks do
+    if args.worker != "fsdp":  # as the finetune stage's ranks do (see stage.run_stage)
+        reuse_freed_memory()
     dist_params = DistributedParams(nproc_per_node=args.nproc, timeout_s=1800, strategy=args.worker)
     with distributed.process_group(dist_params, "cpu") as world:
         data = load_data(synthetic=args.synthetic)

@@ -347,3 +347,15 @@ def test_section_with_every_key_commented_out_means_the_defaults(tmp_path):
     )
     assert params.tokenize == TokenizeParams()
     assert params.finetune.epochs == 3
+
+
+@pytest.mark.parametrize(("strategy", "reused"), [("ddp", True), ("fsdp", False)])
+def test_run_stage_keeps_freed_memory_except_under_fsdp(
+    tmp_path, capsys, monkeypatch, strategy, reused
+):
+    applied = []
+    monkeypatch.setattr(stage, "reuse_freed_memory", lambda: applied.append(True) or True)
+    text = f"finetune:\n  distributed:\n    strategy: {strategy}\n"
+    code, _, calls = _run_stage(tmp_path, text, capsys)
+    assert code == 0 and len(calls) == 1
+    assert applied == ([True] if reused else [])
