@@ -120,12 +120,7 @@ class Trainer:
         self.order = BatchOrder(
             train.lengths, params.batch_size, seed=params.seed, mode=params.batch_order
         )
-        lora = params.lora
-        if lora.rank:
-            apply_lora(
-                self.model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                targets=lora.targets,
-            )  # fmt: skip
+        self._add_adapters(self.model)
         self.trainable_parameters = trainable_parameters(self.model)
         # DDP: a wrapper all ranks train through, self.model stays the plain model.
         # FSDP: self.model itself is sharded in place (its parameters become DTensors).
@@ -483,24 +478,26 @@ class Trainer:
         parameter), so export and the final evaluation run beside the weights alone.
         The trainer can still evaluate and export, not train.
         """
-        self.release_distributed()
-        if self.model is not None:
-            self.model.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         self.optimizer = None  # type: ignore[assignment]
-        gc.collect()
+        self.release_distributed()  # which collects what is left
 
     def _plain_model(self, state: dict[str, torch.Tensor]) -> GPTModel:
         """An unsharded model (with this run's adapters, if any) holding ``state``."""
         with torch.device("meta"):
             model = GPTModel(self.model.config)
+        self._add_adapters(model)
+        model.load_state_dict(state, assign=True)
+        return model.to(self.device).train()
+
+    def _add_adapters(self, model: GPTModel) -> None:
+        """This run's LoRA adapters on ``model``; none when ``lora.rank`` is 0."""
         lora = self.params.lora
         if lora.rank:
             apply_lora(
                 model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                 targets=lora.targets,
             )  # fmt: skip
-        model.load_state_dict(state, assign=True)
-        return model.to(self.device).train()
 
     @property
     def _trainable(self) -> list[torch.nn.Parameter]:
