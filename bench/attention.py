@@ -13,25 +13,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import log, machine_info, print_result, set_malloc, set_threads
+from common import log, machine_info, print_result, set_malloc, set_threads, time_steps
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU = torch.device("cpu")
 
 
 def _median_ms(fn: Callable[[], None], repeats: int) -> float:
-    fn(), fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    times, _ = time_steps(lambda _: fn(), warmup=2, steps=repeats, device=CPU)
     return statistics.median(times) * 1e3
 
 
@@ -78,7 +73,7 @@ def main() -> None:
             )
             result[f"{key}_train_ms"] = train_ms[kernel_name]
         result[f"{dtype_name}_ratio_train_flash_over_math"] = train_ms["flash"] / train_ms["math"]
-    result.update({"threads": threads, "malloc": malloc, **machine_info(torch.device("cpu"))})
+    result.update({"threads": threads, "malloc": malloc, **machine_info(CPU)})
     print_result(result)
 
 

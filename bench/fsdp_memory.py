@@ -49,13 +49,12 @@ def _local_bytes(tensors: list[torch.Tensor]) -> int:
 def _worker(args: argparse.Namespace) -> None:
     """One rank: train a few steps, then write what it holds to ``args.out/rank{r}.json``."""
     from gpt2_instruct import distributed
-    from gpt2_instruct.devices import reuse_freed_memory
+    from gpt2_instruct.devices import tune_host_memory
     from gpt2_instruct.params import DistributedParams, FinetuneParams
     from gpt2_instruct.training import Trainer
 
     torch.set_num_threads(args.threads)
-    if args.worker != "fsdp":  # as the finetune stage's ranks do (see stage.run_stage)
-        reuse_freed_memory()
+    tune_host_memory(args.worker)  # as the finetune stage's ranks do
     dist_params = DistributedParams(nproc_per_node=args.nproc, timeout_s=1800, strategy=args.worker)
     with distributed.process_group(dist_params, "cpu") as world:
         data = load_data(synthetic=args.synthetic)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt2_instruct import stage
+from gpt2_instruct import devices, stage
 from gpt2_instruct.params import (
     FetchParams,
     FinetuneParams,
@@ -354,7 +354,7 @@ def test_run_stage_keeps_freed_memory_except_under_fsdp(
     tmp_path, capsys, monkeypatch, strategy, reused
 ):
     applied = []
-    monkeypatch.setattr(stage, "reuse_freed_memory", lambda: applied.append(True) or True)
+    monkeypatch.setattr(devices, "reuse_freed_memory", lambda: applied.append(True) or True)
     text = f"finetune:\n  distributed:\n    strategy: {strategy}\n"
     code, _, calls = _run_stage(tmp_path, text, capsys)
     assert code == 0 and len(calls) == 1
