@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt2_instruct.model import GPTConfig, GPTModel
-from gpt2_instruct.optim import apply_lr, build_optimizer, lr_at
+from gpt2_instruct.optim import allocate_moments, apply_lr, build_optimizer, lr_at
 
 CONFIG = GPTConfig(vocab_size=32, context_length=8, n_embd=8, n_layer=2, n_head=2)
 
@@ -248,3 +248,36 @@ def test_lr_at_rejects_invalid_arguments(overrides: dict, match: str) -> None:
     }
     with pytest.raises(ValueError, match=match):
         lr_at(kwargs.pop("step"), **kwargs)
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_allocated_moments_update_exactly_like_lazily_created_ones(fused: bool | None) -> None:
+    def trained(allocate: bool) -> tuple[torch.nn.Module, torch.optim.AdamW]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+        optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, fused=fused)
+        if allocate:
+            allocate_moments(optimizer)
+            assert all(not s["exp_avg"].any() and s["step"] == 0 for s in optimizer.state.values())
+        for i in range(3):
+            optimizer.zero_grad()
+            model(torch.full((2, 5), float(i + 1))).square().sum().backward()
+            optimizer.step()
+        return model, optimizer
+
+    (lazy, lazy_opt), (early, early_opt) = trained(False), trained(True)
+    for a, b in zip(lazy.parameters(), early.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(lazy_opt.state.values(), early_opt.state.values(), strict=True):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_allocate_moments_leaves_an_existing_state_alone() -> None:
+    model = torch.nn.Linear(3, 2)
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    before = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+    allocate_moments(optimizer)
+    assert all(torch.equal(optimizer.state[model.weight][k], v) for k, v in before.items())

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from gpt2_instruct.batching import TokenizedSplit, collate
 from gpt2_instruct.model import GPTConfig, GPTModel
-from gpt2_instruct.params import FinetuneParams
+from gpt2_instruct.params import FinetuneParams, LoRAParams
 from gpt2_instruct.training import CHECKPOINT_NAME, NonFiniteLossError, Trainer
 
 VOCAB, PAD = 61, 60
@@ -153,18 +153,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> 
     trainer = Trainer(
         fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
     )
-    original_step = trainer.optimizer.step
-    calls = {"n": 0}
+    original = trainer._forward_backward
 
-    def poisoned_step(*args, **kwargs):
-        calls["n"] += 1
-        result = original_step(*args, **kwargs)
-        if calls["n"] == 3:
+    def poisoned(*args, **kwargs):
+        if trainer.state.step == 3:  # the weights go bad after step 3
             with torch.no_grad():
                 trainer.model.final_norm.weight.fill_(float("nan"))
-        return result
+        return original(*args, **kwargs)
 
-    trainer.optimizer.step = poisoned_step
+    trainer._forward_backward = poisoned
     with pytest.raises(NonFiniteLossError, match="step 4"):
         trainer.train()
     saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
@@ -184,12 +181,12 @@ RUN_SCRIPT = textwrap.dedent(
     trainer = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False,
                       checkpoint_dir=checkpoints)
     trainer.load_checkpoint()
-    original = trainer.optimizer.step
+    original = trainer._forward_backward
     def step(*a, **k):
         if trainer.state.step + 1 == kill_at:
             os.kill(os.getpid(), sig)  # arrives in the middle of a step
         return original(*a, **k)
-    trainer.optimizer.step = step
+    trainer._forward_backward = step
     state = trainer.train()
     log = [{{k: v for k, v in r.items() if k != "seconds"}} for r in state.log]
     torch.save({{"model": trainer.model.state_dict(), "log": log}}, out)
@@ -328,7 +325,8 @@ def test_lora_trains_adapters_only_and_exports_a_plain_gpt2(tmp_path: Path) -> N
 
 
 def test_finish_frees_gradients_and_optimizer_state_but_still_evaluates() -> None:
-    trainer = Trainer(fresh_model(), TRAIN, VAL, RECIPE, pad_id=PAD, progress=False)
+    params = dataclasses.replace(RECIPE, optimizer_in_backward=False)  # gradients are kept
+    trainer = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False)
     trainer.train()
     assert all(p.grad is not None for p in trainer.model.parameters())
     assert len(trainer.optimizer.state) == len(list(trainer.model.parameters()))  # moments
@@ -338,3 +336,70 @@ def test_finish_frees_gradients_and_optimizer_state_but_still_evaluates() -> Non
     assert trainer.optimizer is None
     _, val_after = trainer.evaluate()  # the same weights, the same fixed validation batches
     assert val_after == val_before
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"fused_optimizer": True},
+        {"decay_norms_and_biases": False, "lr_schedule": "cosine", "warmup_steps": 3},
+        {"lora": LoRAParams(rank=2, targets=["attn_qkv", "head"])},
+    ],
+    ids=["reference", "fused", "two-groups-cosine", "lora"],
+)
+def test_updates_in_backward_learn_bit_for_bit_what_the_step_after_backward_does(
+    overrides: dict,
+) -> None:
+    def run(in_backward: bool) -> Trainer:
+        params = dataclasses.replace(RECIPE, optimizer_in_backward=in_backward, **overrides)
+        trainer = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False)
+        assert trainer.updates_in_backward is in_backward
+        trainer.train()
+        return trainer
+
+    after, during = run(False), run(True)
+    assert [r["val_loss"] for r in during.state.log] == [r["val_loss"] for r in after.state.log]
+    for (name, a), b in zip(
+        during.model.state_dict().items(), after.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    # The same AdamW state in the same layout: checkpoints do not depend on the option.
+    want, got = after.optimizer.state_dict(), during.optimizer.state_dict()
+    assert got["param_groups"] == want["param_groups"]
+    assert want["state"].keys() == got["state"].keys()
+    for i, moments in want["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(got["state"][i][key], value), (i, key)
+
+
+@pytest.mark.parametrize("in_backward", [True, False])
+def test_updates_in_backward_never_hold_more_than_one_gradient(in_backward: bool) -> None:
+    params = dataclasses.replace(RECIPE, optimizer_in_backward=in_backward, max_steps=2)
+    trainer = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False)
+    parameters = list(trainer.model.parameters())
+    held: list[int] = []
+    for q in parameters:  # runs after the trainer's own hook
+        q.register_post_accumulate_grad_hook(
+            lambda _: held.append(sum(p.grad is not None for p in parameters))
+        )
+    trainer.train()
+    if in_backward:
+        assert max(held) == 0  # each gradient was applied and freed before the next completed
+    else:
+        assert max(held) == len(parameters)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"grad_clip": 1.0}, {"micro_batch_size": 2}, {"optimizer_in_backward": False}],
+    ids=["grad_clip", "micro_batches", "off"],
+)
+def test_updates_wait_for_the_whole_backward_where_every_gradient_is_needed(
+    overrides: dict,
+) -> None:
+    params = dataclasses.replace(RECIPE, max_steps=1, **overrides)
+    trainer = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False)
+    assert not trainer.updates_in_backward
+    trainer.train()
+    assert all(p.grad is not None for p in trainer.model.parameters())

@@ -52,8 +52,9 @@ def test_garbage_file_is_never_unpickled(checkpoint: Path) -> None:
 
 def test_missing_tensor(checkpoint: Path) -> None:
     _rewrite(checkpoint, lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
-    with pytest.raises(WeightsError, match=r"missing tensor 'h\.1\.mlp\.c_fc\.bias'"):
+    with pytest.raises(WeightsError, match=r"missing tensor 'h\.1\.mlp\.c_fc\.bias'") as err:
         load_model(checkpoint)
+    assert str(err.value) == f"{checkpoint / WEIGHTS_NAME}: missing tensor 'h.1.mlp.c_fc.bias'"
 
 
 def test_wrong_shape_names_tensor_and_shapes(checkpoint: Path) -> None:
@@ -130,3 +131,18 @@ def test_missing_and_broken_config(tmp_path: Path, checkpoint: Path) -> None:
 def test_save_replaces_files_atomically(checkpoint: Path) -> None:
     names = sorted(p.name for p in checkpoint.iterdir())
     assert names == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_loaded_model_owns_its_memory_and_leaves_the_file_unmapped(checkpoint: Path) -> None:
+    # safetensors maps the file; a tensor kept as a view would keep all of it resident.
+    model = load_model(checkpoint)
+    weights = str((checkpoint / WEIGHTS_NAME).resolve())
+    assert weights not in Path("/proc/self/maps").read_text()
+    torch.manual_seed(0)
+    expected = GPTModel(CONFIG)  # what the fixture saved
+    for (name, got), want in zip(
+        model.state_dict().items(), expected.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want), name
+        assert got.is_contiguous(), name

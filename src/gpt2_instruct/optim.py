@@ -63,6 +63,29 @@ def build_optimizer(
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def allocate_moments(optimizer: torch.optim.AdamW) -> None:
+    """Create AdamW's zero moments now instead of at the first update of each parameter.
+
+    Allocated lazily, the moments land in the holes that the first step's activations
+    leave and the heap ends up larger; allocated before training they sit together
+    beside the weights. The state is what the first update would have created (step 0,
+    zero moments), loaded through ``load_state_dict`` as a resumed run's is.
+    """
+    if optimizer.state:
+        return  # already stepped or resumed
+    state = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state["state"] = {
+        i: {
+            "step": torch.tensor(0.0),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+        for i, p in enumerate(params)
+    }
+    optimizer.load_state_dict(state)
+
+
 def lr_at(
     step: int,
     *,

@@ -170,6 +170,7 @@ class FinetuneParams:
     mask_prompt: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
     fused_optimizer: bool = True
+    optimizer_in_backward: bool = True
     max_steps: int | None = None
     checkpoint_every: int = 50
     device: str = "auto"

@@ -8,13 +8,15 @@ downloaded is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from gpt2_instruct.io import atomic_path, write_json
 from gpt2_instruct.model import GPTConfig, GPTModel
@@ -122,9 +124,14 @@ def read_config(model_dir: str | Path) -> GPTConfig:
     return config_from_hf(hf, str(path))
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def _open_tensors(path: Path) -> Iterator[Any]:
+    """A safetensors file opened for reading one tensor at a time; errors name the file."""
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt") as handle:
+            yield handle
+    except WeightsError:
+        raise  # raised by the reader, already naming the file and the problem
     except FileNotFoundError as err:
         raise WeightsError(f"{path}: not found") from err
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -138,41 +145,46 @@ def load_model(
 
     Every expected tensor must be present with exactly the expected shape; a
     tensor we do not know is an error too, so a mismatched config never loads
-    silently.
+    silently. Every tensor is copied out of safetensors' memory map: a tensor left
+    as a view would keep the whole file mapped, and resident, beside the model
+    (gpt2-medium: 1.3 GB more RSS through all of fine-tuning).
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     if dropout:
         config = GPTConfig(**{**config.to_dict(), "dropout": dropout})
     weights_path = model_dir / WEIGHTS_NAME
-    tensors = _read_tensors(weights_path)
-    # save_pretrained of GPT2LMHeadModel prefixes "transformer."; the Hub files do not.
-    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    head = tensors.pop("lm_head.weight", None)
-
     with torch.device("meta"):
         model = GPTModel(config)
-    expected = _key_map(config.n_layer)
-    state: dict[str, torch.Tensor] = {}
     own_shapes = {name: p.shape for name, p in model.state_dict().items()}
-    for ours, (theirs, transpose) in expected.items():
-        if theirs not in tensors:
-            raise WeightsError(f"{weights_path}: missing tensor {theirs!r}")
-        tensor = tensors.pop(theirs)
-        want = own_shapes[ours][::-1] if transpose else own_shapes[ours]  # as stored
-        if tensor.shape != want:
-            raise WeightsError(
-                f"{weights_path}: tensor {theirs!r} has shape {tuple(tensor.shape)}, expected "
-                f"{tuple(want)} for the config in {model_dir / CONFIG_NAME}"
-            )
-        if transpose:
-            tensor = tensor.t()
-        state[ours] = tensor.to(dtype).contiguous()
-    unknown = [k for k in tensors if not k.endswith(_IGNORED_SUFFIXES)]
-    if unknown:
-        raise WeightsError(f"{weights_path}: unexpected tensors {sorted(unknown)[:5]}")
-    if head is not None and not torch.equal(head, state["tok_emb.weight"].to(head.dtype)):
-        raise WeightsError(f"{weights_path}: lm_head.weight is not tied to wte.weight")
+    state: dict[str, torch.Tensor] = {}
+    with _open_tensors(weights_path) as handle:
+        # save_pretrained of GPT2LMHeadModel prefixes "transformer."; the Hub files do not.
+        stored = {k.removeprefix("transformer."): k for k in handle.keys()}  # noqa: SIM118 (no __iter__)
+        head_key = stored.pop("lm_head.weight", None)
+        for ours, (theirs, transpose) in _key_map(config.n_layer).items():
+            if theirs not in stored:
+                raise WeightsError(f"{weights_path}: missing tensor {theirs!r}")
+            key = stored.pop(theirs)
+            shape = tuple(handle.get_slice(key).get_shape())
+            want = tuple(own_shapes[ours][::-1] if transpose else own_shapes[ours])  # as stored
+            if shape != want:
+                raise WeightsError(
+                    f"{weights_path}: tensor {theirs!r} has shape {shape}, expected "
+                    f"{want} for the config in {model_dir / CONFIG_NAME}"
+                )
+            tensor = handle.get_tensor(key)  # a view of the file, memory-mapped
+            state[ours] = (tensor.t() if transpose else tensor).to(
+                dtype=dtype, memory_format=torch.contiguous_format, copy=True
+            )  # our own memory, so the mapping goes when the file closes
+        unknown = [k for k in stored if not k.endswith(_IGNORED_SUFFIXES)]
+        if unknown:
+            raise WeightsError(f"{weights_path}: unexpected tensors {sorted(unknown)[:5]}")
+        if head_key is not None:
+            head = handle.get_tensor(head_key)
+            if not torch.equal(head, state["tok_emb.weight"].to(head.dtype)):
+                raise WeightsError(f"{weights_path}: lm_head.weight is not tied to wte.weight")
+            del head
     model.load_state_dict(state, assign=True)
     return model
 
