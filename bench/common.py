@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from gpt2_instruct.batching import BatchOrder, TokenizedSplit, collate
-from gpt2_instruct.devices import reuse_freed_memory
+from gpt2_instruct.devices import tune_host_memory
 from gpt2_instruct.model import GPT2_CONFIGS, GPTModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -110,12 +110,13 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def set_malloc(system: bool) -> str:
-    """Keep freed memory as the stages do (``reuse_freed_memory``) unless ``system``.
+def set_malloc(system: bool, precision: str = "fp32") -> str:
+    """Keep freed memory as the stages do (``devices.tune_host_memory``: fp32 only) unless
+    ``system``.
 
     Applies to both models of a comparison alike (one process). Returns the mode in use.
     """
-    return "reuse" if not system and reuse_freed_memory() else "system"
+    return "reuse" if not system and tune_host_memory("ddp", precision) else "system"
 
 
 # -------------------------------------------------------------------- timing

@@ -54,7 +54,7 @@ def _worker(args: argparse.Namespace) -> None:
     from gpt2_instruct.training import Trainer
 
     torch.set_num_threads(args.threads)
-    tune_host_memory(args.worker)  # as the finetune stage's ranks do
+    tune_host_memory(args.worker, "fp32")  # as the finetune stage's ranks do
     dist_params = DistributedParams(nproc_per_node=args.nproc, timeout_s=1800, strategy=args.worker)
     with distributed.process_group(dist_params, "cpu") as world:
         data = load_data(synthetic=args.synthetic)

@@ -149,7 +149,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     threads = set_threads(args.threads)
-    malloc = set_malloc(args.system_malloc)
+    malloc = set_malloc(args.system_malloc, args.dtype)
     data = load_data(args.data_dir, synthetic=args.synthetic)
     eos = data.pad_id
     prompts = data.test_prompts[: args.prompts]

@@ -184,7 +184,6 @@ def main() -> None:
 
     device = resolve_device(args.device)
     threads = set_threads(args.threads)
-    malloc = set_malloc(args.system_malloc)
     data = load_data(args.data_dir, synthetic=args.synthetic)
     try:
         config = load_params(args.params)
@@ -197,6 +196,7 @@ def main() -> None:
         eval_train=args.eval_train or config.finetune.eval_train,
         batch_order=args.batch_order or config.finetune.batch_order,
     )
+    malloc = set_malloc(args.system_malloc, recipe.precision)
     params = dataclasses.replace(  # the run measured: N steps, no checkpoints
         recipe, max_steps=args.steps, device=str(device), checkpoint_every=0
     )

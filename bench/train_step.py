@@ -187,7 +187,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     threads = set_threads(args.threads)
-    malloc = set_malloc(args.system_malloc)
+    malloc = set_malloc(args.system_malloc, args.dtype)
     data = load_data(args.data_dir, synthetic=args.synthetic)
     count = args.warmup + args.steps
     indices = first_batches(data.train, count, batch_size=args.batch_size, mode=args.batch_order)

@@ -349,13 +349,16 @@ def test_section_with_every_key_commented_out_means_the_defaults(tmp_path):
     assert params.finetune.epochs == 3
 
 
-@pytest.mark.parametrize(("strategy", "reused"), [("ddp", True), ("fsdp", False)])
-def test_run_stage_keeps_freed_memory_except_under_fsdp(
-    tmp_path, capsys, monkeypatch, strategy, reused
+@pytest.mark.parametrize(
+    ("strategy", "precision", "reused"),
+    [("ddp", "fp32", True), ("fsdp", "fp32", False), ("ddp", "bf16", False)],
+)
+def test_run_stage_keeps_freed_memory_for_fp32_without_fsdp(
+    tmp_path, capsys, monkeypatch, strategy, precision, reused
 ):
     applied = []
     monkeypatch.setattr(devices, "reuse_freed_memory", lambda: applied.append(True) or True)
-    text = f"finetune:\n  distributed:\n    strategy: {strategy}\n"
+    text = f"finetune:\n  precision: {precision}\n  distributed:\n    strategy: {strategy}\n"
     code, _, calls = _run_stage(tmp_path, text, capsys)
     assert code == 0 and len(calls) == 1
     assert applied == ([True] if reused else [])

@@ -44,7 +44,7 @@ def run_stage(
     args = vars(parser.parse_args(argv))
     try:
         params = load_params(args.pop("params"))
-        tune_host_memory(params.finetune.distributed.strategy)
+        tune_host_memory(params.finetune.distributed.strategy, params.finetune.precision)
         body(params, args)
     except EXPECTED_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
