@@ -403,3 +403,23 @@ def test_updates_wait_for_the_whole_backward_where_every_gradient_is_needed(
     assert not trainer.updates_in_backward
     trainer.train()
     assert all(p.grad is not None for p in trainer.model.parameters())
+
+
+def test_updates_in_backward_step_one_parameter_at_a_time_even_after_a_resume() -> None:
+    trainer = Trainer(
+        fresh_model(), TRAIN, VAL, dataclasses.replace(RECIPE, max_steps=2), pad_id=PAD,
+        progress=False,
+    )  # fmt: skip
+    optimizer = trainer.optimizer
+    optimizer.load_state_dict(optimizer.state_dict())  # as resuming does: new group dicts
+    stepped: list[int] = []
+    original = optimizer.step
+
+    def step(*args, **kwargs):
+        stepped.append(sum(len(g["params"]) for g in optimizer.param_groups))
+        return original(*args, **kwargs)
+
+    optimizer.step = step
+    trainer.train()
+    assert len(stepped) == 2 * len(list(trainer.model.parameters()))
+    assert set(stepped) == {1}

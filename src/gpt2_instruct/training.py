@@ -175,11 +175,12 @@ class Trainer:
         micro = p.micro_batch_size is not None and p.micro_batch_size < p.batch_size
         if not p.optimizer_in_backward or p.grad_clip is not None or micro or self.world.size > 1:
             return []
-        group_of = {q: g for g in self.optimizer.param_groups for q in g["params"]}
+        # By index: loading a checkpoint's state replaces the optimizer's group dicts.
+        group_of = {q: i for i, g in enumerate(self.optimizer.param_groups) for q in g["params"]}
         allocate_moments(self.optimizer)  # before the activations: a smaller heap
 
         def update(param: torch.Tensor) -> None:
-            group = group_of[param]
+            group = self.optimizer.param_groups[group_of[param]]
             everyone, group["params"] = group["params"], [param]
             try:
                 self.optimizer.step()  # steps the parameters with a gradient: this one
