@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt2_instruct.generation import SamplingConfig, generate, generate_uncached
-from gpt2_instruct.model import GPTConfig, GPTModel
+from gpt2_instruct.model import GPTConfig, GPTModel, KVCache
 
 CONFIG = GPTConfig(vocab_size=53, context_length=40, n_embd=24, n_layer=2, n_head=3)
 EOS = 52
@@ -45,6 +45,27 @@ def test_rows_stop_at_their_own_eos(model: GPTModel) -> None:
     for prompt, got in zip(PROMPTS, stopped, strict=True):
         assert got == generate_uncached(model, prompt, eos_id=eos, max_new_tokens=10)
     assert any(len(row) == 10 for row in stopped)  # the others ran on
+
+
+def test_unwritten_cache_slots_are_never_read(
+    model: GPTModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache is not zeroed: NaN in every slot before it is written changes nothing,
+    also when finished rows leave the batch and the rest move up."""
+    free = generate(model, PROMPTS, eos_id=-1, sampling=SamplingConfig(max_new_tokens=10))
+    eos = free[2][3]  # row 2 stops after 3 tokens (earlier if it emits it sooner)
+    original_init = KVCache.__init__
+
+    def poisoned_init(self: KVCache, *args: object, **kwargs: object) -> None:
+        original_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        self.keys.fill_(float("nan"))
+        self.values.fill_(float("nan"))
+
+    monkeypatch.setattr(KVCache, "__init__", poisoned_init)
+    stopped = generate(model, PROMPTS, eos_id=eos, sampling=SamplingConfig(max_new_tokens=10))
+    assert len(stopped[2]) <= 3 and any(len(row) == 10 for row in stopped)
+    for prompt, got in zip(PROMPTS, stopped, strict=True):
+        assert got == generate_uncached(model, prompt, eos_id=eos, max_new_tokens=10)
 
 
 def test_streaming_callback_sees_every_token_in_order(model: GPTModel) -> None:

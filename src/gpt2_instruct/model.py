@@ -84,14 +84,28 @@ class KVCache:
                 f"{config.context_length}"
             )
         shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # Not zeroed: a slot is written before attention reads it, and answers that stop
+        # early never touch (or page in) the rest of the cache.
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
         self.key_valid = torch.zeros(batch_size, max_length, device=device, dtype=torch.bool)
         self.length = 0  # positions written so far (same for every row)
 
     @property
     def max_length(self) -> int:
         return self.keys.shape[3]
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep the rows where ``keep`` (B,) is true, in order, as the first rows of the cache.
+
+        Moves only the positions written so far, within the same buffers: no new cache.
+        """
+        index = keep.nonzero().squeeze(1)
+        n, written = index.numel(), self.length
+        for buffer in (self.keys, self.values):
+            buffer[:, :n, :, :written] = buffer[:, index, :, :written]
+        self.keys, self.values = self.keys[:, :n], self.values[:, :n]
+        self.key_valid = self.key_valid[keep]
 
 
 class Packing:
@@ -127,6 +141,51 @@ class Packing:
             return x.view(self.batch, self.width, -1)
         out = x.new_zeros(self.batch * self.width, x.shape[-1])
         return out.index_copy(0, self.index, x).view(self.batch, self.width, -1)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(logits, targets)`` (mean or sum) whose backward needs no new memory.
+
+    ``F.cross_entropy`` keeps the (K, V) log-probabilities for its backward, which then
+    allocates two more (K, V) tensors (the NLL gradient, then the logits' gradient):
+    with GPT-2's 50,257 classes that is ~100 MB each for a batch's ~500 counted
+    tokens, at the moment every block's activations are held. Here the forward is the
+    same two calls (the same loss, bit for bit) and the backward turns the kept
+    log-probabilities into the logits' gradient in place, by the formula of torch's
+    own kernels: ``softmax * g / K``, less ``g / K`` at each target (``g / 1`` for a
+    sum). Saves 2 x (K, V) at the peak of fine-tuning and two passes over them.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        reduction: str,
+    ) -> torch.Tensor:
+        log_probs = F.log_softmax(logits, dim=1)  # (K, V)
+        ctx.save_for_backward(log_probs, targets)
+        ctx.reduction = reduction
+        ctx.spent = False
+        return F.nll_loss(log_probs, targets, reduction=reduction)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None]:
+        if ctx.spent:
+            raise RuntimeError(
+                "GPTModel.loss: a second backward through the same loss is not supported "
+                "(the first turned its saved log-probabilities into the gradient); "
+                "compute the loss again"
+            )
+        ctx.spent = True
+        log_probs, targets = ctx.saved_tensors
+        per_target = grad_loss / targets.numel() if ctx.reduction == "mean" else grad_loss
+        grad = log_probs.exp_().mul_(per_target)  # (K, V), in the log-probabilities' memory
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, targets] -= per_target
+        return grad, None, None
 
 
 class LayerNorm(nn.Module):
@@ -333,10 +392,13 @@ class GPTModel(nn.Module):
         Equals ``F.cross_entropy(self(idx).flatten(0, 1), targets.flatten())`` but
         skips the positions after each row's last counted target (right padding:
         see ``Packing``) and projects onto the vocabulary only where a target
-        counts, the largest matrix product of all.
+        counts, the largest matrix product of all. With gradients on, the loss's
+        backward reuses the log-probabilities' memory (``_CrossEntropy``).
         """
         logits, counted, _, _ = self._counted_logits(idx, targets)
-        return F.cross_entropy(logits, counted, reduction=reduction)
+        if reduction not in ("mean", "sum") or not torch.is_grad_enabled():
+            return F.cross_entropy(logits, counted, reduction=reduction)
+        return _CrossEntropy.apply(logits, counted, reduction)
 
     def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position cross-entropy (B, T), zero where the target is ignored."""
