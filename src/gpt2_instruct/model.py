@@ -188,6 +188,97 @@ class _CrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
+class _TiedGradient:
+    """The tied token-embedding / output-head weight's gradient for one loss, in one buffer.
+
+    Left to autograd, the embedding's backward fills a dense (V, C) tensor of zeros
+    to scatter its few rows into, and the engine then adds it to the head's (V, C)
+    gradient into a third (V, C) tensor: ~200 MB each for gpt2-medium, every step.
+    Here the head's backward leaves its gradient in this ledger and the embedding's
+    backward, which autograd always runs later (the head's input depends on the
+    embedding), adds its rows into it in place and hands it to autograd as the
+    weight's whole gradient. Same sum, grouped differently (to rounding).
+    """
+
+    def __init__(self) -> None:
+        self.head: torch.Tensor | None = None
+
+    def add(self, grad: torch.Tensor) -> None:
+        self.head = grad if self.head is None else self.head.add_(grad)
+
+    def take(self) -> torch.Tensor | None:
+        grad, self.head = self.head, None
+        return grad
+
+
+class _TiedHead(torch.autograd.Function):
+    """``hidden @ weight.T`` whose weight gradient goes to a ``_TiedGradient``, not autograd.
+
+    Under autocast both operands are cast as autocast casts them for ``F.linear``, and
+    the casts are what is kept for backward, as autograd keeps them.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        tied: _TiedGradient,
+    ) -> torch.Tensor:
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(hidden, weight)
+        ctx.tied = tied
+        return hidden @ weight.t()  # (K, V)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_logits: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None]:
+        hidden, weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_logits = grad_logits.to(weight.dtype)
+        if ctx.needs_input_grad[1]:
+            ctx.tied.add((grad_logits.t() @ hidden).to(weight_dtype))  # (V, C)
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_logits @ weight).to(hidden_dtype)  # (K, C)
+        return grad_hidden, None, None
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    """``F.embedding(ids, weight)`` whose backward adds its rows into the head's gradient."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        ids: torch.Tensor,
+        weight: torch.Tensor,
+        tied: _TiedGradient,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight_shape = weight.shape
+        ctx.tied = tied
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[None, torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        (ids,) = ctx.saved_tensors
+        grad = ctx.tied.take()
+        if grad is None:  # the head took no part in this loss
+            grad = grad_out.new_zeros(ctx.weight_shape)
+        width = ctx.weight_shape[1]
+        grad.index_add_(0, ids.flatten(), grad_out.reshape(-1, width).to(grad.dtype))
+        return None, grad, None
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with GPT-2's epsilon; parameters named like the paper (weight, bias)."""
 
@@ -341,9 +432,12 @@ class GPTModel(nn.Module):
         """The output projection is the token embedding (weight tying)."""
         return self.tok_emb.weight
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits (..., V) for final hidden states (..., C)."""
-        logits = F.linear(hidden, self.out_head_weight)
+    def head(self, hidden: torch.Tensor, *, tied: _TiedGradient | None = None) -> torch.Tensor:
+        """Vocabulary logits (..., V) for final hidden states (..., C); (K, C) with ``tied``."""
+        if tied is None:
+            logits = F.linear(hidden, self.out_head_weight)
+        else:
+            logits = _TiedHead.apply(hidden, self.out_head_weight, tied)
         return logits if self.head_lora is None else logits + self.head_lora(hidden)
 
     def num_parameters(self) -> int:
@@ -357,8 +451,12 @@ class GPTModel(nn.Module):
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
         packing: Packing | None = None,
+        tied: _TiedGradient | None = None,
     ) -> torch.Tensor:
-        """Final-LayerNorm output (B, T, C) for token ids ``idx`` (B, T); (N, C) when packed."""
+        """Final-LayerNorm output (B, T, C) for token ids ``idx`` (B, T); (N, C) when packed.
+
+        ``tied``: the ledger that ``head(..., tied=)`` of the same loss shares (``loss``).
+        """
         T = idx.shape[1]
         offset = cache.length if cache is not None else 0
         if offset + T > self.config.context_length:
@@ -368,11 +466,14 @@ class GPTModel(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(offset, offset + T, device=idx.device)  # (T,)
+        ids = idx
         if packing is not None:  # (N, C): only the positions that matter
-            positions = position_ids.expand(idx.shape[0], T)
-            x = self.tok_emb(packing.pack(idx)) + self.pos_emb(packing.pack(positions))
+            ids, position_ids = packing.pack(idx), packing.pack(position_ids.expand(idx.shape))
+        if tied is None:
+            tokens = self.tok_emb(ids)
         else:
-            x = self.tok_emb(idx) + self.pos_emb(position_ids)  # (B, T, C)
+            tokens = _TiedEmbedding.apply(ids, self.tok_emb.weight, tied)
+        x = tokens + self.pos_emb(position_ids)  # (B, T, C), or (N, C) when packed
         x = self.emb_dropout(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, layer=layer, cache=cache, attn_mask=attn_mask, packing=packing)
@@ -413,8 +514,11 @@ class GPTModel(nn.Module):
         """fp32 logits (K, V) and targets (K,) of the counted positions, the packing and the
         mask (N,) of counted positions among the packed ones."""
         packing = Packing.for_targets(targets)
-        hidden = self.hidden_states(idx, packing=packing)  # (N, C)
+        tied = None
+        if torch.is_grad_enabled() and self.out_head_weight.requires_grad:
+            tied = _TiedGradient()  # the tied weight's gradient built in one buffer
+        hidden = self.hidden_states(idx, packing=packing, tied=tied)  # (N, C)
         packed_targets = packing.pack(targets)  # (N,)
         keep = packed_targets != IGNORE_INDEX
-        logits = self.head(hidden[keep])  # (K, V): the vocabulary only where it counts
+        logits = self.head(hidden[keep], tied=tied)  # (K, V): the vocabulary only where it counts
         return logits.float(), packed_targets[keep], packing, keep
