@@ -249,7 +249,10 @@ def main() -> None:
         prompts = data.test_prompts[:gen_batch]
         model = trainer.model
         max_new = args.gen_max_new_tokens or config.generate.max_new_tokens
-        eos = data.pad_id
+        # No stop token, so every row decodes every step: a model trained a few steps from
+        # random weights may put EOS on top at once, or not, as rounding decides, and a run
+        # whose rows stop at once would time no decoding at all.
+        eos = -1
         generate(model, prompts[:1], eos_id=eos, sampling=SamplingConfig(max_new_tokens=2))
         prefill_s, _ = timed(
             lambda: generate(model, prompts, eos_id=eos, sampling=SamplingConfig(max_new_tokens=1)),
