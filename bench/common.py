@@ -30,7 +30,11 @@ from typing import Any
 import torch
 
 from gpt2_instruct.batching import BatchOrder, TokenizedSplit, collate
-from gpt2_instruct.devices import tune_host_memory
+from gpt2_instruct.devices import (
+    per_thread_cache_off,
+    relaunch_without_per_thread_cache,
+    tune_host_memory,
+)
 from gpt2_instruct.model import GPT2_CONFIGS, GPTModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -111,12 +115,18 @@ def set_threads(threads: int | None) -> int:
 
 
 def set_malloc(system: bool, precision: str = "fp32") -> str:
-    """Keep freed memory as the stages do (``devices.tune_host_memory``: fp32 only) unless
-    ``system``.
+    """Keep freed memory as the finetune stage does unless ``system``: fp32 at once; bf16
+    after restarting this process with glibc's per-thread cache off
+    (``devices.relaunch_without_per_thread_cache``).
 
     Applies to both models of a comparison alike (one process). Returns the mode in use.
     """
-    return "reuse" if not system and tune_host_memory("ddp", precision) else "system"
+    if system:
+        return "system"
+    relaunch_without_per_thread_cache(precision, "ddp")
+    if not tune_host_memory("ddp", precision):
+        return "system"
+    return "reuse, per-thread cache off" if per_thread_cache_off() else "reuse"
 
 
 # -------------------------------------------------------------------- timing

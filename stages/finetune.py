@@ -7,13 +7,14 @@ torchrun, one process per GPU; ``torchrun --nproc-per-node N stages/finetune.py`
 import sys
 from pathlib import Path
 
-from gpt2_instruct import distributed, pipeline
+from gpt2_instruct import devices, distributed, pipeline
 from gpt2_instruct.params import Params
 from gpt2_instruct.stage import run_stage
 
 
 def main(p: Params, a: dict[str, Path]) -> None:
     """Train here, or, when several processes are asked for, under torchrun and exit as it did."""
+    devices.relaunch_without_per_thread_cache(p.finetune.precision, p.finetune.distributed.strategy)
     code = distributed.maybe_relaunch(p.finetune.distributed.nproc_per_node, sys.argv)
     if code is not None:
         sys.exit(code)

@@ -1,8 +1,11 @@
-"""Host memory: freed tensors are reused instead of faulted in afresh every step."""
+"""Host memory: freed tensors are reused instead of faulted in afresh every step, and bf16
+training restarts with glibc's per-thread cache off so that they can be."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 
@@ -43,3 +46,105 @@ def test_freed_memory_is_reused_not_faulted_in_again() -> None:
     # Kept for reuse: once the heap holds a step's blocks, later steps fault in nothing.
     assert sum(reused[-3:]) < PAGES_PER_STEP // 10
     assert sum(reused) < sum(system) / 2
+
+
+_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+BLOCK = 64 * 2**20
+_KEPT_HEAP = f"""
+import json, torch
+from gpt2_instruct.devices import reuse_freed_memory
+assert reuse_freed_memory()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+sizes = []
+for _ in range(8):
+    block = torch.zeros({BLOCK} // 4)
+    small = torch.zeros(2**18)  # allocated while the block is live, freed a step later
+    del block
+    sizes.append(rss())
+print(json.dumps([size - sizes[0] for size in sizes]))
+"""
+
+
+def _env(tunables: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = tunables
+    return env
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc's per-thread cache")
+def test_kept_memory_serves_a_freed_block_again_only_with_the_per_thread_cache_off() -> None:
+    def growth(tunables: str | None) -> list[int]:
+        out = subprocess.run(
+            [sys.executable, "-c", _KEPT_HEAP],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=_env(tunables),
+        )
+        return json.loads(out.stdout)
+
+    cached, uncached = growth(None), growth("glibc.malloc.tcache_count=0")
+    # The bytes trimmed off each aligned block wait in the cache and keep the freed
+    # block from merging back: the same request takes new memory, again and again.
+    assert cached[-1] >= 2 * BLOCK
+    assert uncached[-1] <= BLOCK + 16 * 2**20
+
+
+_RELAUNCH = """
+import json, os, sys
+from gpt2_instruct.devices import per_thread_cache_off, relaunch_without_per_thread_cache
+info = [os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], per_thread_cache_off()]
+print(json.dumps(info), flush=True)
+relaunch_without_per_thread_cache(sys.argv[1], sys.argv[2])
+print(json.dumps("trained"))
+"""
+
+
+def _relaunch(precision: str, strategy: str, tunables: str | None) -> tuple[list[object], str]:
+    out = subprocess.run(
+        [sys.executable, "-c", _RELAUNCH, precision, strategy],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_env(tunables),
+    )
+    return [json.loads(line) for line in out.stdout.splitlines()], out.stderr
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc's tunables")
+@pytest.mark.parametrize(
+    ("tunables", "expected"),
+    [
+        (None, "glibc.malloc.tcache_count=0"),
+        ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0"),
+    ],
+)
+def test_bf16_training_restarts_once_as_the_same_process_with_the_cache_off(
+    tunables: str | None, expected: str
+) -> None:
+    (first, second, last), stderr = _relaunch("bf16", "ddp", tunables)
+    assert stderr.splitlines() == [
+        f"restarting with GLIBC_TUNABLES={expected} (bf16: freed memory kept for reuse; "
+        "gpt2_instruct.devices.relaunch_without_per_thread_cache)"
+    ]
+    assert first == [first[0], tunables, ["bf16", "ddp"], False]
+    # exec: the same PID and arguments, the tunable added to the user's own.
+    assert second == [first[0], expected, ["bf16", "ddp"], True]
+    assert last == "trained"
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc's tunables")
+@pytest.mark.parametrize(
+    ("precision", "strategy", "tunables"),
+    [
+        ("fp32", "ddp", None),  # fp32 is not hurt by the cache
+        ("bf16", "fsdp", None),  # FSDP keeps glibc's defaults
+        ("bf16", "ddp", "glibc.malloc.tcache_count=7"),  # the user's own choice
+    ],
+)
+def test_no_restart_for_fp32_fsdp_or_a_cache_setting_of_the_users(
+    precision: str, strategy: str, tunables: str | None
+) -> None:
+    (first, last), stderr = _relaunch(precision, strategy, tunables)
+    assert first[1] == tunables and last == "trained" and stderr == ""

@@ -350,14 +350,24 @@ def test_section_with_every_key_commented_out_means_the_defaults(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("strategy", "precision", "reused"),
-    [("ddp", "fp32", True), ("fsdp", "fp32", False), ("ddp", "bf16", False)],
+    ("strategy", "precision", "tunables", "reused"),
+    [
+        ("ddp", "fp32", None, True),
+        ("fsdp", "fp32", None, False),
+        ("ddp", "bf16", None, False),
+        ("ddp", "bf16", "glibc.malloc.tcache_count=0", True),
+        ("fsdp", "bf16", "glibc.malloc.tcache_count=0", False),
+    ],
 )
-def test_run_stage_keeps_freed_memory_for_fp32_without_fsdp(
-    tmp_path, capsys, monkeypatch, strategy, precision, reused
+def test_run_stage_keeps_freed_memory_for_fp32_and_for_bf16_with_the_cache_off(
+    tmp_path, capsys, monkeypatch, strategy, precision, tunables, reused
 ):
     applied = []
     monkeypatch.setattr(devices, "reuse_freed_memory", lambda: applied.append(True) or True)
+    if tunables is None:
+        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    else:
+        monkeypatch.setenv("GLIBC_TUNABLES", tunables)
     text = f"finetune:\n  precision: {precision}\n  distributed:\n    strategy: {strategy}\n"
     code, _, calls = _run_stage(tmp_path, text, capsys)
     assert code == 0 and len(calls) == 1
