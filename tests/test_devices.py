@@ -28,11 +28,18 @@ print(json.dumps([applied, per_step]))
 """
 
 
-def _faults(mode: str) -> tuple[bool | None, list[int]]:
-    out = subprocess.run(
-        [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True
+def _python(script: str, *args: str, tunables: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter, ``GLIBC_TUNABLES=tunables`` (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = tunables
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, check=True, env=env
     )
-    applied, per_step = json.loads(out.stdout)
+
+
+def _faults(mode: str) -> tuple[bool | None, list[int]]:
+    applied, per_step = json.loads(_python(_FAULTS, mode).stdout)
     return applied, per_step
 
 
@@ -65,26 +72,10 @@ print(json.dumps([size - sizes[0] for size in sizes]))
 """
 
 
-def _env(tunables: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    if tunables is not None:
-        env["GLIBC_TUNABLES"] = tunables
-    return env
-
-
 @pytest.mark.skipif(not _GLIBC, reason="glibc's per-thread cache")
 def test_kept_memory_serves_a_freed_block_again_only_with_the_per_thread_cache_off() -> None:
-    def growth(tunables: str | None) -> list[int]:
-        out = subprocess.run(
-            [sys.executable, "-c", _KEPT_HEAP],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=_env(tunables),
-        )
-        return json.loads(out.stdout)
-
-    cached, uncached = growth(None), growth("glibc.malloc.tcache_count=0")
+    cached = json.loads(_python(_KEPT_HEAP).stdout)
+    uncached = json.loads(_python(_KEPT_HEAP, tunables="glibc.malloc.tcache_count=0").stdout)
     # The bytes trimmed off each aligned block wait in the cache and keep the freed
     # block from merging back: the same request takes new memory, again and again.
     assert cached[-1] >= 2 * BLOCK
@@ -102,13 +93,7 @@ print(json.dumps("trained"))
 
 
 def _relaunch(precision: str, strategy: str, tunables: str | None) -> tuple[list[object], str]:
-    out = subprocess.run(
-        [sys.executable, "-c", _RELAUNCH, precision, strategy],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=_env(tunables),
-    )
+    out = _python(_RELAUNCH, precision, strategy, tunables=tunables)
     return [json.loads(line) for line in out.stdout.splitlines()], out.stderr
 
 
