@@ -55,9 +55,14 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
 
 
+def _glibc_tunables() -> list[str]:
+    """This process's ``GLIBC_TUNABLES`` entries (``name=value``), in order."""
+    return [entry for entry in os.environ.get("GLIBC_TUNABLES", "").split(":") if entry]
+
+
 def per_thread_cache_off() -> bool:
     """Whether this process started with glibc's per-thread cache off (``GLIBC_TUNABLES``)."""
-    return _TCACHE_OFF in os.environ.get("GLIBC_TUNABLES", "").split(":")
+    return _TCACHE_OFF in _glibc_tunables()
 
 
 def tune_host_memory(strategy: str, precision: str) -> bool:
@@ -97,16 +102,16 @@ def relaunch_without_per_thread_cache(precision: str, strategy: str) -> None:
     ``glibc.malloc.tcache_count`` the user set is left alone
     (``GLIBC_TUNABLES=glibc.malloc.tcache_count=7`` keeps glibc's defaults).
     """
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    tunables = _glibc_tunables()
     if (
         precision != "bf16"
         or strategy == "fsdp"
-        or _TCACHE_SETTING in tunables
+        or any(entry.partition("=")[0] == _TCACHE_SETTING for entry in tunables)
         or not sys.platform.startswith("linux")
         or platform.libc_ver()[0] != "glibc"
     ):
         return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, _TCACHE_OFF])))
+    env = dict(os.environ, GLIBC_TUNABLES=":".join([*tunables, _TCACHE_OFF]))
     print(
         f"restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (bf16: freed memory kept for "
         "reuse; gpt2_instruct.devices.relaunch_without_per_thread_cache)",
