@@ -172,7 +172,7 @@ class Trainer:
         gradient averaging keep the step after backward.
         """
         p = self.params
-        micro = p.micro_batch_size is not None and p.micro_batch_size < p.batch_size
+        micro = self._micro_batch_size(p.batch_size) is not None
         if not p.optimizer_in_backward or p.grad_clip is not None or micro or self.world.size > 1:
             return []
         # By index: loading a checkpoint's state replaces the optimizer's group dicts.
@@ -433,13 +433,14 @@ class Trainer:
         p = self.params
         if self.world.size > 1:
             return self._forward_backward_parallel(indices)
-        if p.micro_batch_size is None or p.micro_batch_size >= len(indices):
+        size = self._micro_batch_size(len(indices))
+        if size is None:
             inputs, targets = self._collate(indices, self.train_split)
             with autocast(self.device, p.precision):
                 loss = self.model.loss(inputs, targets)
             loss.backward()
             return loss.item(), inputs.numel(), int((targets != IGNORE_INDEX).sum())
-        micro = self._micro_batches(indices, p.micro_batch_size)
+        micro = self._micro_batches(indices, size)
         counted = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
         total = 0.0
         for inputs, targets in micro:
@@ -448,6 +449,11 @@ class Trainer:
             loss.backward()
             total += loss.item()
         return total, sum(x.numel() for x, _ in micro), counted
+
+    def _micro_batch_size(self, examples: int) -> int | None:
+        """The micro-batch size a batch of ``examples`` is split by; None: it runs whole."""
+        size = self.params.micro_batch_size
+        return size if size is not None and size < examples else None
 
     def _micro_batches(
         self, indices: list[int], size: int
