@@ -36,6 +36,18 @@ def test_batched_cached_greedy_equals_uncached(model: GPTModel) -> None:
         assert len(set(got)) > 2  # not a degenerate repeat
 
 
+def test_twelve_rows_decode_like_one(model: GPTModel) -> None:
+    """From 8 rows on, the decode step's products run weight-first (``model.linear``);
+    as rows finish the batch falls below 8 and they run as F.linear again."""
+    prompts = [[(t * 7 + shift) % 50 for t in p] for shift in range(3) for p in PROMPTS]
+    free = generate(model, prompts, eos_id=-1, sampling=SamplingConfig(max_new_tokens=12))
+    eos = free[0][3]  # ends some rows early, so the batch shrinks below 8 on the way
+    batched = generate(model, prompts, eos_id=eos, sampling=SamplingConfig(max_new_tokens=12))
+    assert sum(len(row) < 12 for row in batched) >= 5
+    for prompt, got in zip(prompts, batched, strict=True):
+        assert got == generate_uncached(model, prompt, eos_id=eos, max_new_tokens=12)
+
+
 def test_rows_stop_at_their_own_eos(model: GPTModel) -> None:
     free = generate(model, PROMPTS, eos_id=-1, sampling=SamplingConfig(max_new_tokens=10))
     # End of text: a token prompt 1 produces that some other row never produces.

@@ -21,7 +21,7 @@ from gpt2_instruct.lora import (
     merge_lora,
     trainable_parameters,
 )
-from gpt2_instruct.model import GPTConfig, GPTModel
+from gpt2_instruct.model import GPTConfig, GPTModel, Linear
 from gpt2_instruct.weights import load_model, save_model
 
 CONFIG = GPTConfig(vocab_size=40, context_length=12, n_embd=16, n_layer=2, n_head=2)
@@ -174,7 +174,7 @@ def test_merge_reproduces_the_adapted_model_with_the_original_keys() -> None:
     merge_lora(model)
     assert not has_lora(model)
     assert list(model.state_dict()) == list(base.state_dict())
-    assert all(type(b.attn.qkv) is nn.Linear for b in model.blocks)
+    assert all(type(b.attn.qkv) is Linear for b in model.blocks)
     assert all(p.requires_grad for p in model.parameters())
     with torch.no_grad():
         torch.testing.assert_close(model(IDX), adapted_logits, atol=1e-5, rtol=0)

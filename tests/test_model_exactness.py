@@ -126,3 +126,56 @@ def test_bf16_training_on_cpu_takes_the_math_attention_kernel_with_the_same_grad
     assert not torch.equal(ours, default)  # another kernel ran ...
     for bf16 in (ours, default):  # ... and both are bf16 roundings of the same gradient
         torch.testing.assert_close(bf16, exact, rtol=0.05, atol=0.05 * exact.abs().max().item())
+
+
+class _RecordProducts(torch.overrides.TorchFunctionMode):
+    """Which product functions run, and with which left operand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, torch.Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = getattr(func, "__name__", "")
+        if name in ("linear", "addmm", "mm"):
+            self.calls.append((name, args[1] if name == "addmm" else args[0]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_multiplies_weight_first_for_a_few_rows_without_autograd(
+    dtype: torch.dtype, with_bias: bool
+) -> None:
+    from gpt2_instruct.model import linear
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 96, dtype=dtype)
+    bias = torch.randn(300, dtype=dtype) if with_bias else None
+    for rows in (8, 32, 256):
+        x = torch.randn(rows // 4, 4, 96, dtype=dtype)  # (B, T, K): a batch of 4 positions
+        with torch.no_grad(), _RecordProducts() as record:
+            out = linear(x, weight, bias)
+        assert [name for name, _ in record.calls] == ["addmm" if with_bias else "mm"]
+        assert record.calls[0][1] is weight  # W @ x^T: the weight on the left
+        assert out.shape == (rows // 4, 4, 300) and out.is_contiguous()
+        expected = torch.nn.functional.linear(x, weight, bias)
+        tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+        torch.testing.assert_close(out, expected, **tolerance)
+
+
+def test_linear_is_f_linear_itself_outside_the_few_rows_or_with_autograd() -> None:
+    from gpt2_instruct.model import linear
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 96, requires_grad=True)
+    bias = torch.randn(300)
+    few, many, usual = torch.randn(4, 96), torch.randn(257, 96), torch.randn(32, 96)
+    for x, grad in [(few, False), (many, False), (usual, True)]:
+        with torch.set_grad_enabled(grad), _RecordProducts() as record:
+            out = linear(x, weight, bias)
+        assert [name for name, _ in record.calls] == ["linear"], (x.shape, grad)
+        assert torch.equal(out, torch.nn.functional.linear(x, weight, bias))
+        assert out.requires_grad == grad
+    out.square().sum().backward()  # autograd goes through F.linear's own backward
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
