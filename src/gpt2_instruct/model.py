@@ -288,7 +288,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Decoding multiplies a few rows by every weight. With the weight as the left
     operand, MKL (fp32) and oneDNN (bf16) run those products 1.1-1.7x faster on
-    the 2-vCPU Xeon measured (gpt2-medium decodes ~1.2x faster: ``bench/README.md``);
+    the 2-vCPU Xeon measured (gpt2-medium decodes 1.2x faster: ``bench/README.md``);
     below 8 rows that order is slower, and at training sizes it gains nothing.
     The values are F.linear's up to rounding (the sums are accumulated in
     another order). The result is copied back to row-major: left as a transposed
