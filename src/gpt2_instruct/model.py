@@ -279,19 +279,20 @@ class _TiedEmbedding(torch.autograd.Function):
         return None, grad, None
 
 
-# Row counts at which a CPU product without autograd runs as W @ x^T (see ``linear``).
-_WEIGHT_FIRST_ROWS = range(8, 257)
+# Row counts at which a CPU product with grad mode off runs as W @ x^T (see ``linear``).
+_WEIGHT_FIRST_ROWS = range(8, 33)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; on CPU with grad mode off, at 8..256 rows, as W @ x^T.
+    """``F.linear(x, weight, bias)``; on CPU with grad mode off, at 8..32 rows, as W @ x^T.
 
-    Decoding multiplies a few rows by every weight. With the weight as the left
-    operand, MKL (fp32) and oneDNN (bf16) run those products 1.1-1.7x faster on
-    the 2-vCPU Xeon measured (gpt2-medium decodes 1.2x faster: ``bench/README.md``);
-    below 8 rows that order is slower, and at training sizes it gains nothing.
-    The values are F.linear's up to rounding (the sums are accumulated in
-    another order). The result is copied back to row-major: left as a transposed
+    Decoding multiplies a batch of a few rows by every weight. At 8 to 32 rows MKL
+    (fp32) and oneDNN (bf16) run that product with the weight as the left operand
+    up to 1.8x faster on the 2-vCPU Xeon measured (gpt2-medium's blocks 1.2-1.8x,
+    gpt2's 1.0-1.4x; gpt2-medium decodes 1.2x faster: ``bench/README.md``). Below
+    8 rows, and from 33 on for gpt2's shapes (49 on for gpt2-medium's), that order
+    is slower. The values are F.linear's up to rounding (the sums are accumulated
+    in another order). The result is copied back to row-major: left as a transposed
     view, it slows the attention and element-wise work after it by as much as it saves.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
