@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2_instruct.model import GPT2_CONFIGS, GPTConfig, GPTModel
+from gpt2_instruct.model import GPT2_CONFIGS, GPTConfig, GPTModel, linear
 from gpt2_instruct.weights import load_model, save_model
 
 transformers = pytest.importorskip("transformers")
@@ -144,11 +144,9 @@ class _RecordProducts(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_multiplies_weight_first_for_a_few_rows_without_autograd(
+def test_linear_multiplies_weight_first_at_8_to_32_rows_with_grad_mode_off(
     dtype: torch.dtype, with_bias: bool
 ) -> None:
-    from gpt2_instruct.model import linear
-
     torch.manual_seed(0)
     weight = torch.randn(300, 96, dtype=dtype)
     bias = torch.randn(300, dtype=dtype) if with_bias else None
@@ -164,9 +162,7 @@ def test_linear_multiplies_weight_first_for_a_few_rows_without_autograd(
         torch.testing.assert_close(out, expected, **tolerance)
 
 
-def test_linear_is_f_linear_itself_outside_the_few_rows_or_with_autograd() -> None:
-    from gpt2_instruct.model import linear
-
+def test_linear_is_f_linear_itself_at_other_row_counts_or_with_grad_mode_on() -> None:
     torch.manual_seed(0)
     weight = torch.randn(300, 96, requires_grad=True)
     bias = torch.randn(300)
