@@ -77,14 +77,15 @@ class ScreenedArgmax:
     """Greedy tokens of an fp32 head, found through a bf16 screen of the vocabulary.
 
     The head (V x C) is a decode step's largest product: a quarter of a gpt2 step at 32
-    rows. A bf16 copy of the weight gives every logit to within a proven ``slack``, which
+    rows. A bf16 copy of the weight gives every logit to within a proven bound, which
     rules out almost the whole vocabulary; only the tokens it cannot rule out get their
     logits in fp32, and the first maximal one among those is the first maximal fp32
     logit. The error terms, per logit ``w . h`` of a weight row ``w`` and hidden ``h``:
     rounding w and h to bf16 moves each product by at most (2u + u^2) |w_k||h_k| (u =
     2^-8); fp32 sums of C terms, in any order (the screen's and the fp32 head's own), add
     at most C 2^-24 sum |w_k||h_k| each; sum |w_k||h_k| <= |w|_2 |h|_2 (Cauchy-Schwarz);
-    the screen's result, rounded to bf16, moves by at most 2^-8 of itself. The fp32
+    the screen's result, rounded to bf16, moves by at most 2^-8 of itself (bounded through
+    the screen's maximum, so that very negative logits do not widen the margin). The fp32
     logits of the chosen candidates may differ from a full (B, V) product's in the last
     bit (another summation order), as any two fp32 products of different shapes may.
 
@@ -120,20 +121,19 @@ class ScreenedArgmax:
         h = hidden.float()
         if self.fallbacks >= self.max_fallbacks:
             return linear(h, self.weight).max(dim=-1).indices
-        screened = torch.mm(self.weight_bf16, h.to(torch.bfloat16).t())  # (V, B)
-        low, high = (extreme.float() for extreme in torch.aminmax(screened, dim=0))  # (B,)
-        # Every screened logit lies within `slack` of its fp32 logit, so the fp32 maximum
-        # screens at high - 2 * slack or more.
-        slack = (
-            self.product_error * self.max_row_norm * h.norm(dim=1)
-            + self.result_error * torch.maximum(low.abs(), high.abs())
-            + 1e-30  # bf16 products flush subnormals to zero
-        )
-        threshold = high - 2 * slack
-        threshold = threshold - 2 * _BF16_UNIT * threshold.abs()  # rounding it must not raise it
-        candidates = (screened >= threshold.to(torch.bfloat16)).any(dim=1).nonzero().squeeze(1)
+        screened = torch.mm(self.weight_bf16, h.to(torch.bfloat16).t()).float()  # (V, B)
+        high = screened.amax(dim=0)  # (B,); fp32 holds every bf16 value exactly
+        # |screened - fp32| <= product + r |screened| for every logit. The fp32 maximum
+        # (at most `high` on the screen) therefore screens at high - margin or more, where
+        # |screened| <= |high| + (high - screened) turns r |screened| into terms of high.
+        product = self.product_error * self.max_row_norm * h.norm(dim=1)
+        product = product + 1e-30  # bf16 products flush subnormals to zero
+        r = self.result_error
+        threshold = high - (2 * product + 2 * r * high.abs()) / (1 - r)
+        threshold = threshold - 2.0**-20 * threshold.abs()  # this arithmetic's own rounding
+        candidates = ((screened - threshold).amax(dim=1) >= 0).nonzero().squeeze(1)
         worth_it = 0 < candidates.numel() <= len(screened) // 8
-        if not worth_it or not bool(torch.isfinite(slack).all()):
+        if not worth_it or not bool(torch.isfinite(threshold).all()):
             self.fallbacks += 1
             return linear(h, self.weight).max(dim=-1).indices  # no screen worth its cost
         # max(dim).indices: the first maximal index, as argmax gives it.
