@@ -129,8 +129,9 @@ class ScreenedArgmax:
         product = self.product_error * self.max_row_norm * h.norm(dim=1)
         product = product + 1e-30  # bf16 products flush subnormals to zero
         r = self.result_error
-        threshold = high - (2 * product + 2 * r * high.abs()) / (1 - r)
-        threshold = threshold - 2.0**-20 * threshold.abs()  # this arithmetic's own rounding
+        margin = (2 * product + 2 * r * high.abs()) / (1 - r)
+        # The last term covers the fp32 rounding of this arithmetic itself.
+        threshold = high - margin - 2.0**-20 * (high.abs() + margin)
         candidates = ((screened - threshold).amax(dim=1) >= 0).nonzero().squeeze(1)
         worth_it = 0 < candidates.numel() <= len(screened) // 8
         if not worth_it or not bool(torch.isfinite(threshold).all()):
