@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 import torch
 
-from gpt2_instruct.generation import SamplingConfig, generate, generate_uncached
+from gpt2_instruct import generation
+from gpt2_instruct.generation import (
+    SamplingConfig,
+    ScreenedArgmax,
+    generate,
+    generate_uncached,
+)
 from gpt2_instruct.model import GPTConfig, GPTModel, KVCache
 
 CONFIG = GPTConfig(vocab_size=53, context_length=40, n_embd=24, n_layer=2, n_head=3)
@@ -170,13 +176,11 @@ def _near_tie_head(vocab: int = 4000, width: int = 48) -> tuple[torch.Tensor, to
 
 
 def test_screened_argmax_is_the_first_maximal_fp32_logit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpt2_instruct import generation
-
     weight, hidden = _near_tie_head()
     expected = torch.nn.functional.linear(hidden, weight).argmax(dim=-1)
     in_bf16 = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16()).argmax(dim=-1)
     assert not torch.equal(in_bf16, expected)  # the data has rows that bf16 alone gets wrong
-    screen = generation.ScreenedArgmax(weight)
+    screen = ScreenedArgmax(weight)
     exact_rows: list[int] = []
     real_linear = generation.linear
 
@@ -191,28 +195,23 @@ def test_screened_argmax_is_the_first_maximal_fp32_logit(monkeypatch: pytest.Mon
 
 
 def test_screened_argmax_falls_back_to_the_full_head_when_little_is_ruled_out() -> None:
-    from gpt2_instruct import generation
-
     torch.manual_seed(0)
     weight = 1 + torch.randn(400, 16) * 1e-4  # logits within bf16's reach: nothing ruled out
     hidden = torch.randn(3, 16).abs()
     expected = torch.nn.functional.linear(hidden, weight).argmax(dim=-1)
-    screen = generation.ScreenedArgmax(weight)
+    screen = ScreenedArgmax(weight)
     for _ in range(screen.max_fallbacks + 2):
         assert torch.equal(screen(hidden), expected)
     assert screen.fallbacks == screen.max_fallbacks  # then it stops trying
 
     hidden[0, 0] = float("nan")  # no finite bound: the full head decides (as argmax would)
-    got = generation.ScreenedArgmax(weight)(hidden)
+    got = ScreenedArgmax(weight)(hidden)
     assert torch.equal(got[1:], expected[1:])
 
 
 def test_screen_applies_to_fp32_cpu_heads_without_head_lora(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from gpt2_instruct import generation
-    from gpt2_instruct.generation import ScreenedArgmax
-
     monkeypatch.setattr(generation, "_fast_bf16_matmul", lambda: True)
     model = GPTModel(CONFIG)
     assert isinstance(ScreenedArgmax.for_model(model), ScreenedArgmax)
@@ -225,17 +224,15 @@ def test_screen_applies_to_fp32_cpu_heads_without_head_lora(
 
 def test_screened_greedy_decoding_equals_uncached(monkeypatch: pytest.MonkeyPatch) -> None:
     """A vocabulary large enough for the screen to rule most of it out, 16 rows."""
-    from gpt2_instruct import generation
-
     monkeypatch.setattr(generation, "_fast_bf16_matmul", lambda: True)
-    screened: list[int] = []
-    real_call = generation.ScreenedArgmax.__call__
+    screens: list[tuple[ScreenedArgmax, int]] = []
+    real_call = ScreenedArgmax.__call__
 
-    def counting_call(self: generation.ScreenedArgmax, hidden: torch.Tensor) -> torch.Tensor:
-        screened.append(hidden.shape[0])
+    def counting_call(self: ScreenedArgmax, hidden: torch.Tensor) -> torch.Tensor:
+        screens.append((self, hidden.shape[0]))
         return real_call(self, hidden)
 
-    monkeypatch.setattr(generation.ScreenedArgmax, "__call__", counting_call)
+    monkeypatch.setattr(ScreenedArgmax, "__call__", counting_call)
     torch.manual_seed(5)
     config = GPTConfig(vocab_size=3000, context_length=40, n_embd=32, n_layer=2, n_head=4)
     big = GPTModel(config).eval()
@@ -245,7 +242,8 @@ def test_screened_greedy_decoding_equals_uncached(monkeypatch: pytest.MonkeyPatc
                 param.mul_(20)
     prompts = [[(17 * i + 5 * j) % 3000 for j in range(2 + i % 5)] for i in range(16)]
     batched = generate(big, prompts, eos_id=-1, sampling=SamplingConfig(max_new_tokens=10))
-    assert screened and screened[0] == 16
+    assert screens[0][1] == 16 and len(screens) == 10
+    assert screens[-1][0].fallbacks == 0  # every step was decided by the screen
     for prompt, got in zip(prompts, batched, strict=True):
         assert got == generate_uncached(big, prompt, eos_id=-1, max_new_tokens=10)
         assert len(set(got)) > 2
