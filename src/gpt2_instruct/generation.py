@@ -120,7 +120,7 @@ class ScreenedArgmax:
         """Token ids (B,) of the first maximal fp32 logit for final hidden states (B, C)."""
         h = hidden.float()
         if self.fallbacks >= self.max_fallbacks:
-            return linear(h, self.weight).max(dim=-1).indices
+            return self._first_maximal(h, self.weight)
         screened = torch.mm(self.weight_bf16, h.to(torch.bfloat16).t()).float()  # (V, B)
         high = screened.amax(dim=0)  # (B,); fp32 holds every bf16 value exactly
         # |screened - fp32| <= product + r |screened| for every logit. The fp32 maximum
@@ -136,9 +136,13 @@ class ScreenedArgmax:
         worth_it = 0 < candidates.numel() <= len(screened) // 8
         if not worth_it or not bool(torch.isfinite(threshold).all()):
             self.fallbacks += 1
-            return linear(h, self.weight).max(dim=-1).indices  # no screen worth its cost
-        # max(dim).indices: the first maximal index, as argmax gives it.
-        return candidates[linear(h, self.weight[candidates]).max(dim=-1).indices]
+            return self._first_maximal(h, self.weight)  # no screen worth its cost
+        return candidates[self._first_maximal(h, self.weight[candidates])]
+
+    @staticmethod
+    def _first_maximal(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Index of the first maximal fp32 logit over ``rows`` (n, C), per hidden state."""
+        return linear(h, rows).max(dim=-1).indices  # max(dim).indices: argmax's first index
 
 
 @torch.inference_mode()
