@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2_instruct.model import GPT2_CONFIGS, GPTConfig, GPTModel, linear
 from gpt2_instruct.weights import load_model, save_model
@@ -162,7 +163,7 @@ def test_linear_multiplies_weight_first_at_8_to_32_rows_with_grad_mode_off(
         torch.testing.assert_close(out, expected, **tolerance)
 
 
-def test_linear_is_f_linear_itself_at_other_row_counts_or_with_grad_mode_on() -> None:
+def test_fp32_linear_is_f_linear_itself_at_other_row_counts_or_with_grad_mode_on() -> None:
     torch.manual_seed(0)
     weight = torch.randn(300, 96, requires_grad=True)
     bias = torch.randn(300)
@@ -175,3 +176,76 @@ def test_linear_is_f_linear_itself_at_other_row_counts_or_with_grad_mode_on() ->
         assert out.requires_grad == grad
     out.square().sum().backward()  # autograd goes through F.linear's own backward
     assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+class _RecordProductShapes(TorchDispatchMode):
+    """The operand shapes of every matrix product aten runs (backward ones too), by dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: dict[torch.dtype, list[tuple[int, ...]]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2:]
+            self.shapes.setdefault(a.dtype, []).extend([tuple(a.shape), tuple(b.shape)])
+        return func(*args, **(kwargs or {}))
+
+
+def _ragged_batch() -> tuple[GPTModel, torch.Tensor, torch.Tensor]:
+    """A tiny model and a batch of 23 + 17 + 11 = 51 counted positions (no multiple of 32)."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=100, context_length=64, n_embd=48, n_layer=2, n_head=4))
+    x, y = torch.randint(0, 100, (3, 23)), torch.randint(0, 100, (3, 23))
+    y[1, 17:] = y[2, 11:] = -100
+    return model, x, y
+
+
+def test_bf16_products_on_cpu_run_on_row_counts_rounded_up_to_32() -> None:
+    """oneDNN compiles a kernel per bf16 shape: training, evaluation and LoRA products
+    (forward and backward, the tied head too) see 64 rows for the batch's 51."""
+    from gpt2_instruct.lora import apply_lora
+
+    model, x, y = _ragged_batch()
+    model_dims = {48, 3 * 48, 4 * 48, 100}
+    record = _RecordProductShapes()
+    with record:
+        model.loss(x, y).backward()  # fp32: the products see the 51 rows as they are
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.loss(x, y).backward()
+            with torch.no_grad():
+                model.loss(x, y)
+            apply_lora(model, rank=2, alpha=4.0, dropout=0.0, targets=["attn_qkv", "head"])
+            model.loss(x, y).backward()
+    fp32_dims = {dim for shape in record.shapes[torch.float32] for dim in shape}
+    assert 51 in fp32_dims
+    bf16_shapes = record.shapes[torch.bfloat16]
+    assert len(bf16_shapes) > 2 * 3 * (2 * 4 + 1)  # 3 passes of 2 blocks' 4 products + head
+    bf16_dims = {dim for shape in bf16_shapes for dim in shape}
+    assert 64 in bf16_dims
+    assert {dim for dim in bf16_dims if dim % 32} <= model_dims | {2}, bf16_shapes
+
+
+def test_bf16_rows_rounded_up_give_the_same_loss_and_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The zero rows are sliced off the result and add nothing to a weight's gradient."""
+    from gpt2_instruct import model as model_module
+
+    model, x, y = _ragged_batch()
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    padded_loss, padded = loss_and_grads()
+    monkeypatch.setattr(model_module, "_BF16_ROW_MULTIPLE", 1)  # every row count is a multiple
+    loss, grads = loss_and_grads()
+    torch.testing.assert_close(padded_loss, loss)
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(padded[name], grad, rtol=1e-2, atol=1e-3 * scale, msg=name)

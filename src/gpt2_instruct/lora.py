@@ -35,10 +35,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gpt2_instruct.model import GPTModel
+from gpt2_instruct.model import GPTModel, linear
 
 # Target name -> (child of a transformer block, attribute of that child).
 _BLOCK_TARGETS: dict[str, tuple[str, str]] = {
@@ -90,7 +89,7 @@ class LoRAAdapter(nn.Module):
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution ``scaling * dropout(x) @ A.T @ B.T`` (..., out)."""
-        return F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b) * self.scaling
+        return linear(linear(self.lora_dropout(x), self.lora_a), self.lora_b) * self.scaling
 
     def delta(self) -> torch.Tensor:
         """The weight update ``scaling * B @ A`` (out, in), differentiable."""

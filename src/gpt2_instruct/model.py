@@ -215,7 +215,8 @@ class _TiedHead(torch.autograd.Function):
     """``hidden @ weight.T`` whose weight gradient goes to a ``_TiedGradient``, not autograd.
 
     Under autocast both operands are cast as autocast casts them for ``F.linear``, and
-    the casts are what is kept for backward, as autograd keeps them.
+    the casts are what is kept for backward, as autograd keeps them. bf16 products on
+    the CPU get zero rows up to a multiple of 32, as ``linear`` gives them.
     """
 
     @staticmethod
@@ -230,9 +231,13 @@ class _TiedHead(torch.autograd.Function):
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
+        rows = hidden.shape[0]
+        if rows > _BF16_ROW_MULTIPLE and _bf16_on_cpu(hidden, weight):
+            hidden = _pad_rows(hidden)  # (K', C): shapes that repeat, as in ``linear``
         ctx.save_for_backward(hidden, weight)
         ctx.tied = tied
-        return hidden @ weight.t()  # (K, V)
+        ctx.rows = rows
+        return (hidden @ weight.t())[:rows]  # (K, V)
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -241,11 +246,13 @@ class _TiedHead(torch.autograd.Function):
         hidden, weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         grad_logits = grad_logits.to(weight.dtype)
+        if hidden.shape[0] != ctx.rows:  # padded rows: zero gradient
+            grad_logits = _pad_rows(grad_logits)  # (K', V)
         if ctx.needs_input_grad[1]:
             ctx.tied.add((grad_logits.t() @ hidden).to(weight_dtype))  # (V, C)
         grad_hidden = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = (grad_logits @ weight).to(hidden_dtype)  # (K, C)
+            grad_hidden = (grad_logits @ weight)[: ctx.rows].to(hidden_dtype)  # (K, C)
         return grad_hidden, None, None
 
 
@@ -281,28 +288,65 @@ class _TiedEmbedding(torch.autograd.Function):
 
 # Row counts at which a CPU product with grad mode off runs as W @ x^T (see ``linear``).
 _WEIGHT_FIRST_ROWS = range(8, 33)
+# bf16 products on the CPU have their row count rounded up to a multiple of this
+# (see ``linear``).
+_BF16_ROW_MULTIPLE = 32
+
+
+def _bf16_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the product of ``x`` and ``weight`` runs in bf16 on the CPU (autocast or dtype)."""
+    if x.device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == weight.dtype == torch.bfloat16
+
+
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """(M, K) -> (M', K): zero rows appended up to a multiple of ``_BF16_ROW_MULTIPLE``."""
+    extra = -x.shape[0] % _BF16_ROW_MULTIPLE
+    return x if extra == 0 else torch.cat([x, x.new_zeros(extra, x.shape[1])])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; on CPU with grad mode off, at 8..32 rows, as W @ x^T.
+    """``F.linear(x, weight, bias)``, shaped for the CPU's fastest kernels.
 
-    Decoding multiplies a batch of a few rows by every weight. At 8 to 32 rows MKL
-    (fp32) and oneDNN (bf16) run that product with the weight as the left operand
-    up to 1.8x faster on the 2-vCPU Xeon measured (gpt2-medium's blocks 1.2-1.8x,
-    gpt2's 1.0-1.4x; gpt2-medium decodes 1.2x faster: ``bench/README.md``). Below
-    8 rows, and from 33 on for gpt2's shapes (49 on for gpt2-medium's), that order
-    is slower. The values are F.linear's up to rounding (the sums are accumulated
-    in another order). The result is copied back to row-major: left as a transposed
-    view, it slows the attention and element-wise work after it by as much as it saves.
+    * **Grad mode off, 8..32 rows: W @ x^T.** Decoding multiplies a batch of a few
+      rows by every weight. At 8 to 32 rows MKL (fp32) and oneDNN (bf16) run that
+      product with the weight as the left operand up to 1.8x faster on the 2-vCPU Xeon
+      measured (gpt2-medium's blocks 1.2-1.8x, gpt2's 1.0-1.4x; gpt2-medium decodes
+      1.2x faster: ``bench/README.md``). Below 8 rows, and from 33 on for gpt2's
+      shapes (49 on for gpt2-medium's), that order is slower. The result is copied
+      back to row-major: left as a transposed view, it slows the attention and
+      element-wise work after it by as much as it saves.
+    * **bf16, over 32 rows: zero rows appended up to a multiple of 32.** oneDNN
+      compiles a kernel for every new shape of a bf16 product (~5 ms each here) and
+      keeps it, with its code pages, in a cache of 1,024. Training and evaluation
+      batches have a new number of real positions nearly every step, so without this
+      every step compiled ~12 kernels and the process grew by ~25 MB a step; rounded,
+      the shapes repeat after the first few steps. gpt2 bf16 steps 0.74-0.78 ->
+      0.62-0.64 s, gpt2-medium 1.88 -> 1.69 s, peak RSS 7.6 -> 7.0 GiB
+      (``bench/README.md``). The zero rows add nothing to a weight's gradient and are
+      sliced off the result; autograd carries the slice, so gradients flow as before.
+
+    The values are F.linear's up to rounding (sums accumulated in another order).
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.device.type != "cpu" or rows not in _WEIGHT_FIRST_ROWS or torch.is_grad_enabled():
+    if x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    columns = x.reshape(rows, x.shape[-1]).t()  # (K, M)
-    out = (  # (N, M)
-        torch.mm(weight, columns) if bias is None else torch.addmm(bias[:, None], weight, columns)
-    )
-    return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])  # (..., N)
+    if rows in _WEIGHT_FIRST_ROWS and not torch.is_grad_enabled():
+        columns = x.reshape(rows, x.shape[-1]).t()  # (K, M)
+        out = (  # (N, M)
+            torch.mm(weight, columns)
+            if bias is None
+            else torch.addmm(bias[:, None], weight, columns)
+        )
+        return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])  # (..., N)
+    if rows > _BF16_ROW_MULTIPLE and rows % _BF16_ROW_MULTIPLE and _bf16_on_cpu(x, weight):
+        padded = _pad_rows(x.reshape(rows, x.shape[-1]).to(torch.bfloat16))  # (M', K)
+        out = F.linear(padded, weight, bias)[:rows]  # (M, N)
+        return out.view(*x.shape[:-1], weight.shape[0])  # (..., N)
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
