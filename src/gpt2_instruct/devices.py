@@ -95,11 +95,11 @@ def relaunch_without_per_thread_cache(precision: str, strategy: str) -> None:
     same PID, same arguments, ``GLIBC_TUNABLES`` extended. gpt2-medium, bf16, on the
     reference's batches, the same hour: 2.80 s a step and 6.5 s an evaluation, against
     3.67 s and 9.8 s with glibc's defaults; the finetune stage 1.24-1.35x faster at a
-    peak RSS of 7.42 against 7.61-7.67 GiB (``bench/README.md``). What is computed does
-    not change, but bf16 on more than one thread is not bit-for-bit reproducible in
-    any case: under either setting, about one repeat in ten of a short bf16 run got
-    other gradients from its first step (the same loss); fp32, and bf16 on one thread,
-    repeat to the last bit. A ``glibc.malloc.tcache_count`` the user set is left alone
+    peak RSS of 7.42 against 7.61-7.67 GiB (``bench/README.md``). Since bf16 products
+    stopped compiling a kernel per row count (``model.linear``), a gpt2 bf16 run keeps a
+    flat heap from its third step with the cache off (2.81 GB over 60 steps) and still
+    grows with it on (2.65 -> 3.39 GB). What is computed does not change. A
+    ``glibc.malloc.tcache_count`` the user set is left alone
     (``GLIBC_TUNABLES=glibc.malloc.tcache_count=7`` keeps glibc's defaults).
     """
     tunables = _glibc_tunables()
