@@ -347,9 +347,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       batches have a new number of real positions nearly every step, so without this
       every step compiled ~12 kernels and the process grew by ~25 MB a step; rounded,
       the shapes repeat after the first few steps. gpt2 bf16 steps 0.74-0.78 ->
-      0.62-0.64 s, gpt2-medium 1.88 -> 1.69 s, peak RSS 7.6 -> 7.0 GiB
-      (``bench/README.md``). The zero rows add nothing to a weight's gradient and are
-      sliced off the result; autograd carries the slice, so gradients flow as before.
+      0.62-0.64 s, gpt2-medium 1.88 -> 1.69 s; the gpt2-medium bf16 finetune stage
+      peaks at 6.49 GiB of RSS instead of 7.37 (``bench/README.md``). The zero rows
+      add nothing to a weight's gradient and are sliced off the result; autograd
+      carries the slice, so gradients flow as before.
 
     The values are F.linear's up to rounding (sums accumulated in another order).
     """
