@@ -254,7 +254,7 @@ class _TiedHead(torch.autograd.Function):
             dtype = torch.get_autocast_dtype(device_type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
         rows = hidden.shape[0]
-        if rows > _BF16_ROW_MULTIPLE and _bf16_on_cpu(hidden, weight):
+        if _pads_rows(rows, hidden, weight):
             hidden = _pad_rows(hidden)  # (K', C): shapes that repeat, as in ``linear``
         ctx.save_for_backward(hidden, weight)
         ctx.tied = tied
@@ -315,9 +315,10 @@ _WEIGHT_FIRST_ROWS = range(8, 33)
 _BF16_ROW_MULTIPLE = 32
 
 
-def _bf16_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the product of ``x`` and ``weight`` runs in bf16 on the CPU (autocast or dtype)."""
-    if x.device.type != "cpu":
+def _pads_rows(rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product of ``rows`` rows of ``x`` by ``weight`` gets zero rows (``linear``):
+    over 32 rows and no multiple of 32, in bf16 (autocast or dtype) on the CPU."""
+    if rows <= _BF16_ROW_MULTIPLE or rows % _BF16_ROW_MULTIPLE == 0 or x.device.type != "cpu":
         return False
     if torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -365,7 +366,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             else torch.addmm(bias[:, None], weight, columns)
         )
         return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])  # (..., N)
-    if rows > _BF16_ROW_MULTIPLE and rows % _BF16_ROW_MULTIPLE and _bf16_on_cpu(x, weight):
+    if _pads_rows(rows, x, weight):
         padded = _pad_rows(x.reshape(rows, x.shape[-1]).to(torch.bfloat16))  # (M', K)
         out = F.linear(padded, weight, bias)[:rows]  # (M, N)
         return out.view(*x.shape[:-1], weight.shape[0])  # (..., N)
