@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -9,11 +10,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from gpt2_instruct.batching import TokenizedSplit, collate
@@ -148,6 +151,49 @@ def test_bf16_autocast_trains_close_to_fp32() -> None:
     assert bf16.log[-1]["val_loss"] == pytest.approx(fp32.log[-1]["val_loss"], abs=5e-2)
 
 
+class _CountCasts(TorchDispatchMode):
+    """How often each of the given tensors is cast to bf16 (``aten._to_copy``), by data pointer."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.watched = {t.data_ptr() for t in tensors}
+        self.casts: collections.Counter[int] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        dtypes = [kwargs.get("dtype"), *(a for a in args[1:] if isinstance(a, torch.dtype))]
+        if (
+            func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to)  # to: inference
+            and torch.bfloat16 in dtypes
+            and args[0].data_ptr() in self.watched
+        ):
+            self.casts[args[0].data_ptr()] += 1
+        return func(*args, **kwargs)
+
+
+def test_bf16_evaluation_casts_each_weight_once_and_reports_the_same_losses() -> None:
+    """Autocast keeps its casts for the region only outside inference mode: one cast of
+    each weight serves every batch of an evaluation (train and validation alike)."""
+    params = dataclasses.replace(RECIPE, precision="bf16", eval_batches=3, eval_train="fixed")
+    trainer = Trainer(fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False)
+    matrices = [p for p in trainer.model.parameters() if p.ndim == 2]
+    with _CountCasts(matrices) as counter:
+        train_loss, val_loss = trainer.evaluate()
+    assert set(counter.casts) == {
+        m.data_ptr() for m in matrices if m is not trainer.model.pos_emb.weight
+    }
+    assert set(counter.casts.values()) == {1}
+
+    def recast_each_batch(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return sum(trainer.model.loss(x, y).item() for x, y in batches) / len(batches)
+
+    trainer.model.eval()
+    assert trainer._fixed_train_batches is not None
+    assert train_loss == recast_each_batch(trainer._fixed_train_batches)
+    assert val_loss == recast_each_batch(trainer._val_batches)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
     params = dataclasses.replace(RECIPE, checkpoint_every=2)
     trainer = Trainer(
@@ -248,6 +294,23 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path) -> None:
     )
     assert same.load_checkpoint() is True
     assert same.state.step == 2
+
+
+def test_checkpoint_skips_the_zip_checksums_and_resumes_the_same_weights(tmp_path: Path) -> None:
+    """torch.load never checks the zip's CRC-32s, so checkpoints are written without them."""
+    params = dataclasses.replace(RECIPE, checkpoint_every=2, max_steps=2)
+    done = Trainer(
+        fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
+    )
+    done.train()
+    with zipfile.ZipFile(tmp_path / CHECKPOINT_NAME) as archive:
+        assert {info.CRC for info in archive.infolist()} == {0}
+    resumed = Trainer(
+        fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
+    )
+    assert resumed.load_checkpoint() is True
+    for name, tensor in done.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
 
 
 def test_micro_batches_accumulate_the_full_batch_gradient() -> None:

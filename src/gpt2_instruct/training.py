@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.serialization import config as torch_serialization_config
 from tqdm import tqdm
 
 from gpt2_instruct import distributed
@@ -76,10 +77,16 @@ def _deferred_sigint() -> Iterator[list[bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast when asked; fp32 runs exactly as written."""
+def autocast(
+    device: torch.device, precision: str, *, cache: bool = True
+) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast when asked; fp32 runs exactly as written.
+
+    ``cache``: keep one bf16 cast of each weight for the whole region (autocast's
+    default) instead of casting it again at every use.
+    """
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -218,15 +225,23 @@ class Trainer:
         return [self._collate(b, split) for b in batches]
 
     # -------------------------------------------------------------- evaluation
-    @torch.inference_mode()
-    def _mean_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        if not batches:
-            return float("nan")
+    @torch.no_grad()
+    def _mean_losses(self, *splits: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, ...]:
+        """The mean batch loss of each list of batches (NaN for an empty one).
+
+        ``no_grad``, not ``inference_mode``: autocast keeps its bf16 cast of a weight
+        for the rest of the region only outside inference mode. Under inference mode
+        it cast every weight again for every batch (20% of a bf16 evaluation's
+        samples); here each weight is cast once per evaluation, the same values
+        (gpt2-medium, 10 batches: 5.5-6.0 -> 4.8 s, identical losses). Sharded
+        (FSDP) runs keep no casts: holding every gathered weight's would undo the
+        sharding.
+        """
         self.model.eval()
-        with autocast(self.device, self.params.precision):
-            losses = [self.model.loss(x, y).item() for x, y in batches]
+        with autocast(self.device, self.params.precision, cache=not self.sharded):
+            losses = [[self.model.loss(x, y).item() for x, y in batches] for batches in splits]
         self.model.train()
-        return sum(losses) / len(losses)
+        return tuple(sum(ls) / len(ls) if ls else float("nan") for ls in losses)
 
     def _draw_eval_train_indices(self) -> list[list[int]] | None:
         """The random draws one evaluation makes on the batch order (None: fixed batches).
@@ -249,7 +264,8 @@ class Trainer:
             train_batches = self._fixed_train_batches
         else:  # fresh shuffled batches, drawn from the training order's generator
             train_batches = self._collate_many(indices, self.train_split)
-        return self._mean_loss(train_batches), self._mean_loss(self._val_batches)
+        train_loss, val_loss = self._mean_losses(train_batches, self._val_batches)
+        return train_loss, val_loss
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
@@ -274,7 +290,12 @@ class Trainer:
                 "train_state": vars(self.state),
                 "params": dataclasses.asdict(self.params),
             }
-            with atomic_path(self.checkpoint_dir / CHECKPOINT_NAME) as tmp:
+            # Without the zip's CRC-32s: torch.load never checks them, and computing them
+            # (one thread, ~1 GB/s) took 5 of the 11 s that gpt2-medium's 4.3 GB took.
+            with (
+                atomic_path(self.checkpoint_dir / CHECKPOINT_NAME) as tmp,
+                torch_serialization_config.patch({"save.compute_crc32": False}),
+            ):
                 torch.save(state, tmp)
         if self.world.size > 1:
             distributed.barrier(self.device)
