@@ -20,10 +20,10 @@ defaults if it cannot be read), apart from the options given:
 
 Then projects: 2 epochs x 116 batches = 232 steps; ceil(232 / 5) = 47 in-loop
 evaluations + 1 final one in ``finetune``; checkpoints every 50 steps and at
-each epoch end; 110 test answers; the evaluate stage's forward passes over the
-test split (14 batches of 8, priced as an evaluation batch); 5 model loads
-(fetch_gpt2 x2, finetune, generate, evaluate), 1 save, and one process
-start-up per DVC stage. Downloads and DVC's own hashing are not included.
+each epoch end, none after the last step (5); 110 test answers; the evaluate
+stage's forward passes over the test split (14 batches of 8, priced as an
+evaluation batch); 5 model loads (fetch_gpt2 x2, finetune, generate, evaluate),
+1 save, and one process start-up per DVC stage. Downloads and DVC's own hashing are not included.
 
     python bench/pipeline.py --model gpt2-medium --steps 4 --gen-prompts 16
 """
@@ -88,8 +88,10 @@ def evaluations_in(total_steps: int, eval_every: int) -> int:
 
 
 def checkpoints_in(total_steps: int, every: int, epochs: int) -> int:
-    periodic = total_steps // every if every else 0
-    return periodic + epochs  # plus one at the end of each epoch
+    """As ``Trainer`` writes them: every ``every`` steps and at each epoch end, none after
+    the last step."""
+    periodic = (total_steps - 1) // every if every else 0
+    return periodic + epochs - 1
 
 
 def time_training(trainer: Trainer, device: torch.device) -> dict[str, Any]:

@@ -280,7 +280,7 @@ def test_interrupt_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, sig: i
 
 
 def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path) -> None:
-    params = dataclasses.replace(RECIPE, checkpoint_every=2, max_steps=2)
+    params = dataclasses.replace(RECIPE, checkpoint_every=2, max_steps=3)  # checkpoint at 2
     Trainer(
         fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
     ).train()
@@ -298,19 +298,47 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path) -> None:
 
 def test_checkpoint_skips_the_zip_checksums_and_resumes_the_same_weights(tmp_path: Path) -> None:
     """torch.load never checks the zip's CRC-32s, so checkpoints are written without them."""
-    params = dataclasses.replace(RECIPE, checkpoint_every=2, max_steps=2)
-    done = Trainer(
+    params = dataclasses.replace(RECIPE, checkpoint_every=2, max_steps=3)  # checkpoint at 2
+    Trainer(
         fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
-    )
-    done.train()
+    ).train()
     with zipfile.ZipFile(tmp_path / CHECKPOINT_NAME) as archive:
         assert {info.CRC for info in archive.infolist()} == {0}
     resumed = Trainer(
         fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
     )
     assert resumed.load_checkpoint() is True
+    assert resumed.state.step == 2
+    two_steps = dataclasses.replace(params, max_steps=2)
+    done = Trainer(fresh_model(), TRAIN, VAL, two_steps, pad_id=PAD, progress=False)
+    done.train()
     for name, tensor in done.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("checkpoint_every", [0, 3], ids=["epoch ends", "every 3 steps"])
+def test_no_checkpoint_is_written_after_the_last_step(
+    tmp_path: Path, checkpoint_every: int
+) -> None:
+    """The stage exports the model and deletes the checkpoint once training ends."""
+    params = dataclasses.replace(RECIPE, checkpoint_every=checkpoint_every)
+    trainer = Trainer(
+        fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
+    )
+    saved_at: list[int] = []
+    save = trainer.save_checkpoint
+    trainer.save_checkpoint = lambda: (saved_at.append(trainer.state.step), save())[1]  # type: ignore[method-assign]
+    state = trainer.train()
+    per_epoch = state.step // params.epochs
+    periodic = (
+        list(range(checkpoint_every, state.step, checkpoint_every)) if checkpoint_every else []
+    )
+    assert state.step == trainer.total_steps
+    assert not checkpoint_every or state.step % checkpoint_every == 0  # the last step too
+    assert sorted(saved_at) == sorted([*periodic, per_epoch])
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["train_state"]["step"] == max(
+        saved_at
+    )
 
 
 def test_micro_batches_accumulate_the_full_batch_gradient() -> None:

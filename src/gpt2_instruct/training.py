@@ -363,7 +363,8 @@ class Trainer:
                 yield s.epoch_batches[s.batch_in_epoch]
             s.epoch += 1
             s.batch_in_epoch = 0
-            self.save_checkpoint()
+            if s.step < self.total_steps:  # after the last step the model is exported instead
+                self.save_checkpoint()
 
     @property
     def total_steps(self) -> int:
@@ -375,7 +376,10 @@ class Trainer:
 
         Ctrl-C (SIGINT) is honoured between steps: the step in flight finishes, a
         checkpoint is written and ``KeyboardInterrupt`` is raised, so the run
-        resumes exactly where it stopped.
+        resumes exactly where it stopped. Checkpoints come every ``checkpoint_every``
+        steps and at each epoch end, but not after the last step: the finetune stage
+        then exports the model and deletes the checkpoint, which would have been
+        written (4.3 GB for gpt2-medium) only to be deleted.
         """
         with _deferred_sigint() as interrupted:
             return self._train(interrupted)
@@ -431,7 +435,11 @@ class Trainer:
                     self.evaluate()  # its sharded forward passes need this rank too
                 else:
                     self._draw_eval_train_indices()
-            if p.checkpoint_every and s.step % p.checkpoint_every == 0:
+            if (
+                p.checkpoint_every
+                and s.step % p.checkpoint_every == 0
+                and s.step < self.total_steps
+            ):
                 self.save_checkpoint()
             if self.world.size == 1:  # a Ctrl-C up to here counts; distributed: the agreed one
                 stop = bool(interrupted)
