@@ -152,7 +152,8 @@ def test_bf16_autocast_trains_close_to_fp32() -> None:
 
 
 class _CountCasts(TorchDispatchMode):
-    """How often each of the given tensors is cast to bf16 (``aten._to_copy``), by data pointer."""
+    """How often each given tensor is cast to bf16 (``aten._to_copy``; ``aten.to`` under
+    inference mode), by data pointer."""
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         super().__init__()
@@ -327,7 +328,12 @@ def test_no_checkpoint_is_written_after_the_last_step(
     )
     saved_at: list[int] = []
     save = trainer.save_checkpoint
-    trainer.save_checkpoint = lambda: (saved_at.append(trainer.state.step), save())[1]  # type: ignore[method-assign]
+
+    def save_and_note_the_step() -> None:
+        saved_at.append(trainer.state.step)
+        save()
+
+    trainer.save_checkpoint = save_and_note_the_step  # type: ignore[method-assign]
     state = trainer.train()
     per_epoch = state.step // params.epochs
     periodic = (
@@ -336,9 +342,8 @@ def test_no_checkpoint_is_written_after_the_last_step(
     assert state.step == trainer.total_steps
     assert not checkpoint_every or state.step % checkpoint_every == 0  # the last step too
     assert sorted(saved_at) == sorted([*periodic, per_epoch])
-    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["train_state"]["step"] == max(
-        saved_at
-    )
+    last = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert last["train_state"]["step"] == max(saved_at)
 
 
 def test_micro_batches_accumulate_the_full_batch_gradient() -> None:
