@@ -300,6 +300,12 @@ class Trainer:
         if self.world.size > 1:
             distributed.barrier(self.device)
 
+    def _scheduled_checkpoint(self) -> None:
+        """An epoch end's or ``checkpoint_every``'s checkpoint, unless training is over: the
+        finetune stage then exports the model and deletes the checkpoint at once."""
+        if self.state.step < self.total_steps:
+            self.save_checkpoint()
+
     def remove_checkpoint(self) -> None:
         """Drop the checkpoint once the finished model is saved: it would only fill the disk."""
         if self.checkpoint_dir is not None:
@@ -363,8 +369,7 @@ class Trainer:
                 yield s.epoch_batches[s.batch_in_epoch]
             s.epoch += 1
             s.batch_in_epoch = 0
-            if s.step < self.total_steps:  # after the last step the model is exported instead
-                self.save_checkpoint()
+            self._scheduled_checkpoint()
 
     @property
     def total_steps(self) -> int:
@@ -435,12 +440,8 @@ class Trainer:
                     self.evaluate()  # its sharded forward passes need this rank too
                 else:
                     self._draw_eval_train_indices()
-            if (
-                p.checkpoint_every
-                and s.step % p.checkpoint_every == 0
-                and s.step < self.total_steps
-            ):
-                self.save_checkpoint()
+            if p.checkpoint_every and s.step % p.checkpoint_every == 0:
+                self._scheduled_checkpoint()
             if self.world.size == 1:  # a Ctrl-C up to here counts; distributed: the agreed one
                 stop = bool(interrupted)
             if stop:
