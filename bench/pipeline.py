@@ -25,6 +25,9 @@ stage's forward passes over the test split (14 batches of 8, priced as an
 evaluation batch); 5 model loads (fetch_gpt2 x2, finetune, generate, evaluate),
 1 save, and one process start-up per DVC stage. Downloads and DVC's own hashing are not included.
 
+Beside the projection it prints the run's compute floor: its useful FLOPs divided by a
+matmul peak measured at the end, in the recipe's precision (``compute_floor_flops``).
+
     python bench/pipeline.py --model gpt2-medium --steps 4 --gen-prompts 16
 """
 
@@ -44,12 +47,15 @@ import torch
 import yaml
 from common import (
     REPO_ROOT,
+    BenchData,
     base_parser,
     build_model,
     load_data,
     log,
     machine_info,
+    matmul_peak,
     mean,
+    non_embedding_params,
     peak_rss_gb,
     print_result,
     resolve_device,
@@ -60,7 +66,7 @@ from common import (
 )
 
 from gpt2_instruct.generation import SamplingConfig, generate
-from gpt2_instruct.params import Params, ParamsError, load_params
+from gpt2_instruct.params import FinetuneParams, Params, ParamsError, load_params
 from gpt2_instruct.training import Trainer
 from gpt2_instruct.weights import load_model, save_model
 
@@ -92,6 +98,41 @@ def checkpoints_in(total_steps: int, every: int, epochs: int) -> int:
     the last step."""
     periodic = (total_steps - 1) // every if every else 0
     return periodic + epochs - 1
+
+
+def compute_floor_flops(
+    *,
+    per_token: int,
+    body_per_token: int,
+    head_per_token: int,
+    data: BenchData,
+    recipe: FinetuneParams,
+    total_steps: int,
+    n_evals: int,
+    n_test: int,
+) -> dict[str, float]:
+    """Useful FLOPs of the projected run, by part: what no code can do with less arithmetic.
+
+    ``per_token`` = body + head parameters: 6x that a training token, 2x a forward one
+    (the definitions of ``bench/README.md``). Training and the train half of each
+    evaluation use the mean training example; the validation half is the first
+    ``eval_batches`` batches, as ``Trainer`` takes them; the evaluate stage runs the test
+    examples forward. Generation: each prompt and answer token through the blocks once,
+    the head once per generated token (the reference answer and its EOS).
+    """
+    train_mean = float(data.train.lengths.double().mean())
+    val_counted = int(data.val.lengths[: recipe.eval_batches * recipe.batch_size].sum())
+    eval_tokens = recipe.eval_batches * recipe.batch_size * train_mean + val_counted
+    prompts = data.test_prompts[:n_test]
+    answers = data.test_answer_lengths[:n_test]
+    body_tokens = sum(len(p) for p in prompts) + sum(answers)
+    head_tokens = sum(a + 1 for a in answers)
+    return {
+        "train_steps": 6.0 * per_token * total_steps * recipe.batch_size * train_mean,
+        "evaluations": 2.0 * per_token * n_evals * eval_tokens,
+        "evaluate_stage": 2.0 * per_token * int(data.test.lengths[:n_test].sum()),
+        "generation": 2.0 * (body_per_token * body_tokens + head_per_token * head_tokens),
+    }
 
 
 def time_training(trainer: Trainer, device: torch.device) -> dict[str, Any]:
@@ -270,6 +311,12 @@ def main() -> None:
         decode_step_s = (full_s - prefill_s) / max(1, max_new - 1)
         longest = max(len(o) for o in outputs)
         log(f"generate: prefill {prefill_s:.2f} s, {full_s:.2f} s for {longest} tokens")
+        body_per_token = non_embedding_params(model)
+        head_per_token = model.config.n_embd * model.config.vocab_size
+
+    peak_dtype = torch.float32 if recipe.precision == "fp32" else torch.bfloat16
+    log(f"peak: timing square matmuls ({recipe.precision})")
+    peak_gflops, peak_size = matmul_peak(peak_dtype, device)
 
     # -------------------------------------------------------------- projection
     epochs = recipe.epochs
@@ -314,6 +361,18 @@ def main() -> None:
     generation_real_s = sum(prefill_s + n * decode_step_s for n in steps_per_batch)
     total_upper = sum(parts.values())
     total_real = total_upper - parts["generation_upper_bound_s"] + generation_real_s
+    floor_flops = compute_floor_flops(
+        per_token=body_per_token + head_per_token,
+        body_per_token=body_per_token,
+        head_per_token=head_per_token,
+        data=data,
+        recipe=recipe,
+        total_steps=total_steps,
+        n_evals=n_evals,
+        n_test=n_test,
+    )
+    floor_parts = {k: v / (peak_gflops * 1e9) for k, v in floor_flops.items()}
+    floor_s = sum(floor_parts.values())
 
     method = (
         f"{total_steps} steps ({epochs} epochs x {batches_per_epoch} batches) x measured "
@@ -335,6 +394,13 @@ def main() -> None:
         "projected_total_s": total_upper,
         "projected_total_real_answers_s": total_real,
         "projected_total_h": total_upper / 3600,
+        # At 100% of the matmul peak measured here: the run's useful FLOPs alone.
+        "compute_floor_s": floor_s,
+        "compute_floor_parts_s": floor_parts,
+        "floor_over_projection": floor_s / total_real,
+        "useful_flops": sum(floor_flops.values()),
+        f"peak_{recipe.precision}_gflops": peak_gflops,
+        "peak_matmul_size": peak_size,
         "parts": parts,
         "generation_real_answers_s": generation_real_s,
         "step_s": step_s,
