@@ -102,7 +102,6 @@ def checkpoints_in(total_steps: int, every: int, epochs: int) -> int:
 
 def compute_floor_flops(
     *,
-    per_token: int,
     body_per_token: int,
     head_per_token: int,
     data: BenchData,
@@ -113,13 +112,14 @@ def compute_floor_flops(
 ) -> dict[str, float]:
     """Useful FLOPs of the projected run, by part: what no code can do with less arithmetic.
 
-    ``per_token`` = body + head parameters: 6x that a training token, 2x a forward one
-    (the definitions of ``bench/README.md``). Training and the train half of each
+    A token costs 6 FLOPs a parameter (blocks and head) in training, 2 forward (the
+    definitions of ``bench/README.md``). Training and the train half of each
     evaluation use the mean training example; the validation half is the first
     ``eval_batches`` batches, as ``Trainer`` takes them; the evaluate stage runs the test
     examples forward. Generation: each prompt and answer token through the blocks once,
     the head once per generated token (the reference answer and its EOS).
     """
+    per_token = body_per_token + head_per_token
     train_mean = float(data.train.lengths.double().mean())
     val_counted = int(data.val.lengths[: recipe.eval_batches * recipe.batch_size].sum())
     eval_tokens = recipe.eval_batches * recipe.batch_size * train_mean + val_counted
@@ -362,7 +362,6 @@ def main() -> None:
     total_upper = sum(parts.values())
     total_real = total_upper - parts["generation_upper_bound_s"] + generation_real_s
     floor_flops = compute_floor_flops(
-        per_token=body_per_token + head_per_token,
         body_per_token=body_per_token,
         head_per_token=head_per_token,
         data=data,
