@@ -104,6 +104,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.device != "cpu":
+        parser.error("--device: ops are timed on the CPU only (CUDA runs them asynchronously)")
 
     device = torch.device("cpu")
     threads = set_threads(args.threads)
