@@ -68,13 +68,29 @@ def print_result(result: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------- arguments
+# The reference book and issue 3 call the 124M model "gpt2-small"; the hub calls it "gpt2".
+MODEL_ALIASES = {"gpt2-small": "gpt2"}
+
+
+def model_name(name: str) -> str:
+    """The GPT2_CONFIGS name of a --model value (``gpt2-small`` is ``gpt2``)."""
+    name = MODEL_ALIASES.get(name, name)
+    if name not in GPT2_CONFIGS:
+        known = sorted([*GPT2_CONFIGS, *MODEL_ALIASES])
+        raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from {known}")
+    return name
+
+
 def base_parser(description: str, *, default_model: str = "gpt2") -> argparse.ArgumentParser:
     """Options every script shares: model shape, device, threads, seed, data location."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument(
-        "--model", default=default_model, choices=sorted(GPT2_CONFIGS), help="GPT-2 shape"
+        "--model",
+        default=default_model,
+        type=model_name,
+        help=f"GPT-2 shape: one of {sorted(GPT2_CONFIGS)} (gpt2-small is gpt2)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument(
