@@ -289,6 +289,31 @@ def test_every_input_is_some_stage_output():
                 )
 
 
+def dvc_plot_files() -> set[str]:
+    """Every file dvc.yaml's top-level ``plots`` draws (a plot's id or its ``y`` sources)."""
+    files = set()
+    for item in yaml.safe_load(DVC_YAML.read_text(encoding="utf-8"))["plots"]:
+        if isinstance(item, str):
+            files.add(item)
+            continue
+        [(name, spec)] = item.items()
+        sources = spec.get("y") if spec else None
+        files.update(sources if isinstance(sources, dict) else [name])
+    return files
+
+
+def test_every_plot_draws_a_file_some_stage_writes():
+    outputs = set()
+    for spec in _dvc_stages().values():
+        for key in ("outs", "metrics", "plots"):
+            for item in spec.get(key, []):
+                outputs.update([item] if isinstance(item, str) else item)
+    files = dvc_plot_files()
+    assert "dvclive/plots/metrics/lr.tsv" in files
+    for path in files:
+        assert any(path == out or path.startswith(out + "/") for out in outputs), path
+
+
 # ------------------------------------------------------------------ run_stage
 def _run_stage(tmp_path: Path, params_text: str, capsys, body=None):
     path = _write(tmp_path, params_text)

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_params import dvc_plot_files
 
 from gpt2_instruct import pipeline, training
 from gpt2_instruct.batching import TokenizedSplit
@@ -495,6 +496,16 @@ def test_finetune_logs_live_to_dvclive(run):
     live_train = pipeline.read_tsv(run.root / "dvclive/plots/metrics/train/loss.tsv")
     assert [int(r["step"]) for r in live_train] == [1, 2, 3]
     assert not (run.root / "dvclive/dvc.yaml").exists()  # dvcyaml=False: plots are ours
+
+
+def test_finetune_writes_the_dvclive_series_dvc_yaml_plots(run):
+    plotted = [p for p in dvc_plot_files() if p.startswith("dvclive/")]
+    assert plotted
+    for path in plotted:
+        rows = pipeline.read_tsv(run.root / path)
+        metric = Path(path).stem
+        assert [int(r["step"]) for r in rows] == [1, 2, 3], path
+        assert all(math.isfinite(float(r[metric])) and float(r[metric]) > 0 for r in rows), path
 
 
 def test_finetune_removes_its_checkpoint_after_success(run):
