@@ -1,7 +1,7 @@
 """Stage evaluate: score the test answers offline (and with an LLM judge when asked)."""
 
-from gpt2_instruct import pipeline
-from gpt2_instruct.stage import run_stage
+from gpt2_instruct.stages import run_stage
+from gpt2_instruct.stages.evaluate import evaluate
 
 if __name__ == "__main__":
     run_stage(
@@ -14,7 +14,7 @@ if __name__ == "__main__":
             "per_entry": "metrics/eval_per_entry.csv",
             "plots": "plots/eval",
         },
-        lambda p, a: pipeline.evaluate(
+        lambda p, a: evaluate(
             p.evaluate,
             a["responses"],
             a["model"],

@@ -7,9 +7,10 @@ torchrun, one process per GPU; ``torchrun --nproc-per-node N stages/finetune.py`
 import sys
 from pathlib import Path
 
-from gpt2_instruct import devices, distributed, pipeline
+from gpt2_instruct import devices, distributed
 from gpt2_instruct.params import Params
-from gpt2_instruct.stage import run_stage
+from gpt2_instruct.stages import run_stage
+from gpt2_instruct.stages.finetune import finetune
 
 
 def main(p: Params, a: dict[str, Path]) -> None:
@@ -18,7 +19,7 @@ def main(p: Params, a: dict[str, Path]) -> None:
     code = distributed.maybe_relaunch(p.finetune.distributed.nproc_per_node, sys.argv)
     if code is not None:
         sys.exit(code)
-    pipeline.finetune(
+    finetune(
         p.finetune,
         a["tokenized"],
         a["base_model"],

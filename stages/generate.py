@@ -1,7 +1,7 @@
 """Stage generate: answer every test instruction with the fine-tuned model."""
 
-from gpt2_instruct import pipeline
-from gpt2_instruct.stage import run_stage
+from gpt2_instruct.stages import run_stage
+from gpt2_instruct.stages.generate import generate_responses
 
 if __name__ == "__main__":
     run_stage(
@@ -11,5 +11,5 @@ if __name__ == "__main__":
             "test": "data/prepared/test.json",
             "out": "data/responses/test.json",
         },
-        lambda p, a: pipeline.generate_responses(p.generate, a["model"], a["test"], a["out"]),
+        lambda p, a: generate_responses(p.generate, a["model"], a["test"], a["out"]),
     )

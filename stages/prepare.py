@@ -1,7 +1,7 @@
 """Stage prepare: validate the entries and split them into train / val / test."""
 
-from gpt2_instruct import pipeline
-from gpt2_instruct.stage import run_stage
+from gpt2_instruct.stages import run_stage
+from gpt2_instruct.stages.prepare import prepare
 
 if __name__ == "__main__":
     run_stage(
@@ -11,5 +11,5 @@ if __name__ == "__main__":
             "out": "data/prepared",
             "metrics": "metrics/prepare.json",
         },
-        lambda p, a: pipeline.prepare(p.prepare, a["raw"], a["out"], a["metrics"]),
+        lambda p, a: prepare(p.prepare, a["raw"], a["out"], a["metrics"]),
     )

@@ -1,7 +1,7 @@
 """Stage tokenize: format each entry with the prompt style and encode it with GPT-2's BPE."""
 
-from gpt2_instruct import pipeline
-from gpt2_instruct.stage import run_stage
+from gpt2_instruct.stages import run_stage
+from gpt2_instruct.stages.tokenize_data import tokenize
 
 if __name__ == "__main__":
     run_stage(
@@ -12,7 +12,5 @@ if __name__ == "__main__":
             "out": "data/tokenized",
             "metrics": "metrics/tokenize.json",
         },
-        lambda p, a: pipeline.tokenize(
-            p.tokenize, a["prepared"], a["encoding"], a["out"], a["metrics"]
-        ),
+        lambda p, a: tokenize(p.tokenize, a["prepared"], a["encoding"], a["out"], a["metrics"]),
     )

@@ -22,6 +22,7 @@ from gpt2_instruct import cli
 from gpt2_instruct.data import Entry, extract_response, format_prompt
 from gpt2_instruct.generation import SamplingConfig, generate
 from gpt2_instruct.model import GPTConfig, GPTModel
+from gpt2_instruct.model_dir import ModelDirError, load_instruct_model
 from gpt2_instruct.tokenizer import load_tokenizer
 from gpt2_instruct.weights import save_model
 
@@ -114,7 +115,7 @@ def _chat_args(model_dir: Path, *extra: str) -> list[str]:
 
 def _library_answer(model_dir: Path, entry: Entry) -> tuple[list[int], str]:
     """What the library itself answers (greedy), to compare the command line with."""
-    model, tokenizer, style = cli.load_instruct_model(model_dir)
+    model, tokenizer, style = load_instruct_model(model_dir)
     prompt = tokenizer.encode(format_prompt(entry, style))
     sampling = SamplingConfig(max_new_tokens=int(MAX_NEW))
     [new] = generate(model, [prompt], eos_id=tokenizer.eot_id, sampling=sampling)
@@ -136,7 +137,7 @@ def test_hand_made_bpe_loads_and_merges(model_dir: Path) -> None:
 
 @pytest.mark.parametrize(("style", "expected"), [("phi3", "phi3"), (None, "alpaca")])
 def test_prompt_style_comes_from_config(tmp_path: Path, style: str | None, expected: str) -> None:
-    model, tokenizer, got = cli.load_instruct_model(_make_model_dir(tmp_path / "m", style))
+    model, tokenizer, got = load_instruct_model(_make_model_dir(tmp_path / "m", style))
     assert got == expected
     assert not model.training
     assert tokenizer.vocab_size == model.config.vocab_size
@@ -155,13 +156,13 @@ def test_missing_vocab_bpe_is_a_clear_error(
     assert str(broken) in err
     assert "vocab.bpe" in err
     assert "Traceback" not in err
-    with pytest.raises(cli.ModelDirError, match=r"missing vocab\.bpe"):
-        cli.load_instruct_model(broken)
+    with pytest.raises(ModelDirError, match=r"missing vocab\.bpe"):
+        load_instruct_model(broken)
 
 
 def test_unknown_prompt_style_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(cli.ModelDirError, match="prompt_style 'chatml'"):
-        cli.load_instruct_model(_make_model_dir(tmp_path / "m", "chatml"))
+    with pytest.raises(ModelDirError, match="prompt_style 'chatml'"):
+        load_instruct_model(_make_model_dir(tmp_path / "m", "chatml"))
 
 
 # --- generate ------------------------------------------------------------------------------

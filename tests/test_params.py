@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt2_instruct import devices, stage
+from gpt2_instruct import devices, stages
+from gpt2_instruct.model_dir import load_instruct_model
 from gpt2_instruct.params import (
     FetchParams,
     FinetuneParams,
@@ -273,6 +274,68 @@ def test_stage_scripts_default_to_the_paths_in_dvc_yaml():
         assert _script_default_paths(script) == _stage_paths(spec), name
 
 
+# Modules that cannot change what a stage writes: arguments and params, device and memory
+# settings, atomic writes, and the stages' frame (``gpt2_instruct.stages``'s __init__).
+PLUMBING = {"params", "io", "devices", "stages"}
+PACKAGE = REPO_ROOT / "src" / "gpt2_instruct"
+
+
+def _package_imports(path: Path) -> set[str]:
+    """gpt2_instruct modules a file imports anywhere (functions too), as dotted names."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gpt2_instruct"):
+            sub = node.module.removeprefix("gpt2_instruct").lstrip(".")
+            found.update([sub] if sub else [alias.name for alias in node.names])
+    return found
+
+
+def _module_path(module: str) -> Path:
+    path = PACKAGE / f"{module.replace('.', '/')}.py"
+    return path if path.is_file() else PACKAGE / module.replace(".", "/") / "__init__.py"
+
+
+def _code_deciding_outputs(script: Path) -> set[str]:
+    """Every non-plumbing module a stage script reaches through imports, as dvc.yaml paths."""
+    seen: set[str] = set()
+    todo = list(_package_imports(script))
+    while todo:
+        module = todo.pop()
+        if module in seen or module in PLUMBING:
+            continue
+        seen.add(module)
+        todo.extend(_package_imports(_module_path(module)))
+    return {str(_module_path(m).relative_to(REPO_ROOT)) for m in seen}
+
+
+def test_every_stage_depends_on_exactly_the_code_that_decides_its_outputs():
+    for name, spec in _dvc_stages().items():
+        script = REPO_ROOT / spec["cmd"].split()[1]
+        expected = _code_deciding_outputs(script)
+        assert f"src/gpt2_instruct/stages/{script.name}" in expected, name  # its own module
+        listed = {dep for dep in spec["deps"] if dep.startswith("src/")}
+        missing, stale = sorted(expected - listed), sorted(listed - expected)
+        assert not missing and not stale, f"{name}: missing {missing}, not used {stale}"
+
+
+def test_code_deciding_outputs_follows_imports_inside_functions(tmp_path):
+    script = tmp_path / "evaluate.py"
+    script.write_text("from gpt2_instruct.stages.evaluate import evaluate\n", encoding="utf-8")
+    reached = _code_deciding_outputs(script)
+    assert "src/gpt2_instruct/judge.py" in reached  # imported only when a judge is set
+    assert "src/gpt2_instruct/params.py" not in reached  # plumbing
+    assert "src/gpt2_instruct/generation.py" not in reached  # evaluate never generates
+
+
+def test_the_pipeline_module_only_gathers_the_stages_functions():
+    """Its functions live in the stages' own modules; so it is no stage's dependency."""
+    tree = ast.parse((PACKAGE / "pipeline.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        all_names = isinstance(node, ast.Assign) and node.targets[0].id == "__all__"
+        assert isinstance(node, ast.ImportFrom) or docstring or all_names, ast.dump(node)
+
+
 def test_every_input_is_some_stage_output():
     stages = _dvc_stages()
     outputs = set()
@@ -325,7 +388,7 @@ def _run_stage(tmp_path: Path, params_text: str, capsys, body=None):
             body()
 
     with pytest.raises(SystemExit) as info:
-        stage.run_stage("test", {"out": "data/x"}, record, ["--params", str(path)])
+        stages.run_stage("test", {"out": "data/x"}, record, ["--params", str(path)])
         raise SystemExit(0)
     return info.value.code, capsys.readouterr(), calls
 
@@ -357,6 +420,20 @@ def test_run_stage_expected_error_in_body_exits_1(tmp_path, capsys):
     code, captured, _ = _run_stage(tmp_path, "", capsys, body=fail)
     assert code == 1
     assert captured.err == "error: data/x: missing\n"
+
+
+def test_run_stage_reports_an_unusable_model_directory_in_one_line(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+
+    def load():
+        load_instruct_model(tmp_path / "model")  # generate and evaluate start with this
+
+    code, captured, _ = _run_stage(tmp_path, "", capsys, body=load)
+    assert code == 1
+    [line] = captured.err.splitlines()
+    assert line.startswith(
+        f"error: model directory {tmp_path / 'model'}: missing model.safetensors"
+    )
 
 
 def test_run_stage_invalid_yaml_is_one_error_line(tmp_path, capsys):

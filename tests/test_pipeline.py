@@ -30,10 +30,10 @@ from test_params import dvc_plot_files
 
 from gpt2_instruct import pipeline, training
 from gpt2_instruct.batching import TokenizedSplit
-from gpt2_instruct.cli import load_instruct_model
 from gpt2_instruct.data import DataError, Entry, format_prompt, load_entries, write_entries
 from gpt2_instruct.download import DownloadError
 from gpt2_instruct.model import GPT2_CONFIGS, GPTConfig, GPTModel
+from gpt2_instruct.model_dir import load_instruct_model
 from gpt2_instruct.params import (
     DownloadParams,
     EvaluateParams,
@@ -46,6 +46,8 @@ from gpt2_instruct.params import (
     TokenizeParams,
     load_params,
 )
+from gpt2_instruct.stages import fetch_gpt2 as fetch_gpt2_stage
+from gpt2_instruct.stages import generate as generate_stage
 from gpt2_instruct.tokenizer import ENCODER_JSON, ENDOFTEXT, VOCAB_BPE, load_tokenizer
 from gpt2_instruct.training import CHECKPOINT_NAME
 from gpt2_instruct.weights import WeightsError, load_model
@@ -142,7 +144,7 @@ def run(tmp_path_factory, bpe_dir):
         p.checkpoint_seen.append((trainer.checkpoint_dir / CHECKPOINT_NAME).is_file())
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "BPE_SHA256", pins)
+        mp.setattr(fetch_gpt2_stage, "BPE_SHA256", pins)
         mp.setattr(training.Trainer, "save_checkpoint", spy)
         pipeline.download(DownloadParams(url=str(source), sha256=_sha256(source)), p.raw)
         p.prepare_report = pipeline.prepare(PrepareParams(), p.raw, p.prepared, p.prepare_metrics)
@@ -390,6 +392,7 @@ import os, signal, sys
 from pathlib import Path
 from gpt2_instruct import evaluation, pipeline
 from gpt2_instruct.params import EvaluateParams, GenerateParams
+from gpt2_instruct.stages import generate as generate_stage
 stage, mode, root, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 def die_after(module, name, calls):
     original, seen = getattr(module, name), []
@@ -402,7 +405,7 @@ def die_after(module, name, calls):
     setattr(module, name, wrapper)
 if stage == "generate":
     if mode == "die":
-        die_after(pipeline, "generate", 2)  # after the second batch of answers
+        die_after(generate_stage, "generate", 2)  # after the second batch of answers
     pipeline.generate_responses(GenerateParams(max_new_tokens=4, batch_size=3, device="cpu"),
                                 root / "data/model", root / "data/prepared/test.json",
                                 out / "test.json")
@@ -532,7 +535,7 @@ def test_generate_answers_every_test_entry_in_order(run):
 def test_generate_prompts_limit_and_batches(run, tmp_path, tokenizer, monkeypatch, header):
     """What the model is asked: the generation prompt, shortest first, ``batch_size`` at a time."""
     calls = []
-    real_generate = pipeline.generate
+    real_generate = generate_stage.generate
 
     def spy(model, prompts, **kwargs):
         calls.append([tokenizer.decode(p) for p in prompts])
@@ -540,7 +543,7 @@ def test_generate_prompts_limit_and_batches(run, tmp_path, tokenizer, monkeypatc
         assert kwargs["sampling"].max_new_tokens == 2
         return real_generate(model, prompts, **kwargs)
 
-    monkeypatch.setattr(pipeline, "generate", spy)
+    monkeypatch.setattr(generate_stage, "generate", spy)
     out = tmp_path / "responses.json"
     params = GenerateParams(
         max_new_tokens=2, batch_size=2, limit=3, response_header_in_prompt=header, device="cpu"
@@ -806,7 +809,7 @@ def test_fetch_gpt2_from_a_hub_url_layout(tmp_path, bpe_dir, tokenizer, monkeypa
     for name in (ENCODER_JSON, VOCAB_BPE):
         (tmp_path / "hub/bpe" / name).write_bytes((bpe_dir / name).read_bytes())
     pins = {name: _sha256(bpe_dir / name) for name in (ENCODER_JSON, VOCAB_BPE)}
-    monkeypatch.setattr(pipeline, "BPE_SHA256", pins)
+    monkeypatch.setattr(fetch_gpt2_stage, "BPE_SHA256", pins)
     server, requested = _serve(tmp_path / "hub")
     base = f"http://127.0.0.1:{server.server_port}"
     try:

@@ -61,6 +61,10 @@ class Entry:
         return {"instruction": self.instruction, "input": self.input, "output": self.output}
 
 
+SPLITS = ("train", "val", "test")
+"""The partitions' names, in the order the reference cuts them (as ``Split``'s fields)."""
+
+
 @dataclass
 class Split:
     """Train / validation / test partitions of one data set."""

@@ -23,6 +23,8 @@ from gpt2_instruct.model import GPTConfig, GPTModel
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CONFIG_KEY = "gpt2_instruct"
+"""Key in ``config.json`` under which training records how the model was fine-tuned."""
 
 # Our parameter name (per block) -> (HF name, transposed?)
 _BLOCK_KEYS: dict[str, tuple[str, bool]] = {

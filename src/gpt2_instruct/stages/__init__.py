@@ -1,4 +1,12 @@
-"""The frame every ``stages/*.py`` script runs in: arguments, params, clean failure."""
+"""What each DVC stage does, one module a stage, and the frame its script runs in.
+
+``stages/<name>.py`` (the script DVC runs) parses paths and calls one function of
+``gpt2_instruct.stages.<name>``. Each of those modules holds only its own stage's code,
+so dvc.yaml can list, for every stage, exactly the modules that decide its outputs
+(``tests/test_params.py`` checks the lists against the imports): editing how answers are
+generated reruns generate and evaluate, never the fine-tune. This module is plumbing
+that cannot change what a stage writes: arguments, params, clean failure, logging.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ from pathlib import Path
 from gpt2_instruct.data import DataError
 from gpt2_instruct.devices import tune_host_memory
 from gpt2_instruct.download import DownloadError
+from gpt2_instruct.model_dir import ModelDirError
 from gpt2_instruct.params import Params, ParamsError, load_params
 from gpt2_instruct.training import NonFiniteLossError
 from gpt2_instruct.weights import WeightsError
@@ -20,9 +29,15 @@ EXPECTED_ERRORS = (
     DataError,
     DownloadError,
     WeightsError,
+    ModelDirError,
     NonFiniteLossError,
     FileNotFoundError,
 )
+
+
+def log(message: str) -> None:
+    """A stage's progress line, on stderr (stdout stays free for DVC's own output)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def run_stage(

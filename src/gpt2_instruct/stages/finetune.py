@@ -1,0 +1,149 @@
+"""Stage finetune: train on the tokenized splits; write the model, its log, plot and metrics."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from dvclive import Live
+
+from gpt2_instruct import distributed, plots
+from gpt2_instruct.batching import TokenizedSplit
+from gpt2_instruct.io import atomic_dir, atomic_open, write_json
+from gpt2_instruct.params import FinetuneParams, to_dict
+from gpt2_instruct.stages import log
+from gpt2_instruct.tokenizer import ENCODER_JSON, VOCAB_BPE
+from gpt2_instruct.training import Trainer
+from gpt2_instruct.weights import CONFIG_KEY, WeightsError, load_model, save_model
+
+LOG_FIELDS = (
+    "step",
+    "epoch",
+    "tokens_seen",
+    "train_loss",
+    "val_loss",
+    "batch_loss",
+    "lr",
+    "grad_norm",
+    "seconds",
+)
+
+
+def _configure_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _log_live(live: Live, row: dict[str, float]) -> None:
+    """One evaluation row as DVCLive metrics at the row's optimizer step."""
+    live.step = int(row["step"])
+    live.log_metric("train/loss", row["train_loss"])
+    live.log_metric("val/loss", row["val_loss"])
+    live.log_metric("lr", row["lr"])
+    if row.get("grad_norm") is not None:
+        live.log_metric("grad_norm", row["grad_norm"])
+    live.log_metric("tokens_seen", row["tokens_seen"])
+    live.log_metric("tokens_per_second", row["tokens_seen"] / max(row["seconds"], 1e-9))
+    live.next_step()
+
+
+def finetune(
+    params: FinetuneParams,
+    tokenized: Path,
+    base_model: Path,
+    encoding_dir: Path,
+    model_out: Path,
+    checkpoints: Path,
+    metrics: Path,
+    log_tsv: Path,
+    loss_plot: Path,
+    live_dir: Path,
+) -> dict[str, Any]:
+    """Fine-tune, logging live to DVCLive; write the model, the loss log, plot and metrics.
+
+    Under torchrun (``finetune.distributed``) every rank trains its share of each
+    batch; rank 0 alone logs and writes, the others return an empty report.
+    """
+    _configure_threads(params.threads)
+    meta = json.loads((tokenized / "meta.json").read_text(encoding="utf-8"))
+    train = TokenizedSplit.load(tokenized / "train.safetensors")
+    val = TokenizedSplit.load(tokenized / "val.safetensors")
+    model = load_model(base_model, dropout=params.dropout)
+    if model.config.vocab_size < meta["vocab_size"]:
+        raise WeightsError(f"{base_model}: vocabulary smaller than the tokenizer's")
+    max_length = min(params.max_length, model.config.context_length)
+    if max_length != params.max_length:
+        params = dataclasses.replace(params, max_length=max_length)
+
+    with distributed.process_group(params.distributed, params.device) as world:
+        trainer = Trainer(
+            model,
+            train,
+            val,
+            params,
+            pad_id=meta["eot_id"],
+            checkpoint_dir=checkpoints,
+            world=world,
+        )
+        if world.is_main:
+            checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
+        if trainer.load_checkpoint() and world.is_main:
+            log(f"finetune: resumed from {checkpoints} at step {trainer.state.step}")
+        if not world.is_main:
+            trainer.train()
+            trainer.finish()
+            return {}
+        with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+            for row in trainer.state.log:  # a resumed run re-logs what it restored
+                _log_live(live, row)
+            trainer.on_log = lambda row: _log_live(live, row)
+            state = trainer.train()
+        trainer.finish()
+    # The process group is gone: rank 0 writes the outputs while the other ranks exit.
+
+    with atomic_open(log_tsv) as handle:
+        writer = csv.DictWriter(handle, LOG_FIELDS, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(state.log)
+    plots.plot_losses(state.log, loss_plot, title="Fine-tuning loss")
+
+    extra = {
+        CONFIG_KEY: {
+            "prompt_style": meta["prompt_style"],
+            "finetune": to_dict(params),
+            "base_model": str(base_model),
+        }
+    }
+    with atomic_dir(model_out) as tmp:
+        save_model(trainer.export_model(), tmp, extra_config=extra)
+        for name in (ENCODER_JSON, VOCAB_BPE):
+            shutil.copyfile(encoding_dir / name, tmp / name)
+    trainer.remove_checkpoint()
+
+    train_loss, val_loss = trainer.evaluate()
+    report = {
+        "steps": state.step,
+        "epochs": round(state.step / len(trainer.order), 4),
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "tokens_seen": state.tokens_seen,
+        "target_tokens": state.target_tokens,
+        "train_seconds": round(state.seconds, 2),
+        "tokens_per_second": round(state.tokens_seen / max(state.seconds, 1e-9), 1),
+        "parameters": model.num_parameters(),
+        "trainable_parameters": trainer.trainable_parameters,
+    }
+    write_json(metrics, report)
+    log(f"finetune: {report}")
+    return report
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    """Rows of a TSV written by this stage (for tests and notebooks)."""
+    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")), delimiter="\t"))

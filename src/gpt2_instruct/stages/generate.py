@@ -1,0 +1,64 @@
+"""Stage generate: answer every test entry with the fine-tuned model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from gpt2_instruct.data import Entry, extract_response, format_prompt, load_entries
+from gpt2_instruct.devices import resolve_device
+from gpt2_instruct.generation import SamplingConfig, generate
+from gpt2_instruct.io import write_json
+from gpt2_instruct.model_dir import load_instruct_model
+from gpt2_instruct.params import GenerateParams
+from gpt2_instruct.stages import log
+
+ALPACA_RESPONSE_HEADER = "\n\n### Response:\n"
+
+
+def generation_prompt(entry: Entry, style: str, response_header_in_prompt: bool) -> str:
+    """The prompt the model answers; the reference leaves Alpaca's response header out."""
+    prompt = format_prompt(entry, style)
+    if style == "alpaca" and not response_header_in_prompt:
+        prompt = prompt.removesuffix(ALPACA_RESPONSE_HEADER)
+    return prompt
+
+
+def generate_responses(params: GenerateParams, model_dir: Path, test_json: Path, out: Path) -> None:
+    """Answer every test entry; batches are formed from prompts of similar length."""
+    device = resolve_device(params.device)
+    model, tokenizer, style = load_instruct_model(model_dir, device=device)
+    entries = load_entries(test_json)
+    if params.limit is not None:
+        entries = entries[: params.limit]
+    prompts = [
+        tokenizer.encode(generation_prompt(e, style, params.response_header_in_prompt))
+        for e in entries
+    ]
+    sampling = SamplingConfig(
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=params.seed,
+    )
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: dict[int, str] = {}
+    started = time.perf_counter()
+    new_tokens = 0
+    for start in range(0, len(order), params.batch_size):
+        batch = order[start : start + params.batch_size]
+        outputs = generate(
+            model, [prompts[i] for i in batch], eos_id=tokenizer.eot_id, sampling=sampling
+        )
+        for i, ids in zip(batch, outputs, strict=True):
+            new_tokens += len(ids)
+            answers[i] = extract_response(tokenizer.decode(ids), style)
+        log(f"generate: {len(answers)}/{len(entries)} answers")
+    seconds = time.perf_counter() - started
+    results = [{**e.to_dict(), "model_response": answers[i]} for i, e in enumerate(entries)]
+    write_json(out, results, indent=4)
+    log(
+        f"generate: {new_tokens} new tokens in {seconds:.1f} s "
+        f"({new_tokens / max(seconds, 1e-9):.1f} tokens/s)"
+    )
