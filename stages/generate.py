@@ -10,6 +10,7 @@ if __name__ == "__main__":
             "model": "data/model",
             "test": "data/prepared/test.json",
             "out": "data/responses/test.json",
+            "metrics": "metrics/generate.json",
         },
-        lambda p, a: generate_responses(p.generate, a["model"], a["test"], a["out"]),
+        lambda p, a: generate_responses(p.generate, a["model"], a["test"], a["out"], a["metrics"]),
     )

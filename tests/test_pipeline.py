@@ -131,6 +131,7 @@ def run(tmp_path_factory, bpe_dir):
         train_log=root / "metrics/train_log.tsv",
         loss_plot=root / "plots/loss.png",
         responses=root / "data/responses/test.json",
+        generate_metrics=root / "metrics/generate.json",
         eval_metrics=root / "metrics/eval.json",
         per_entry=root / "metrics/eval_per_entry.csv",
         eval_plots=root / "plots/eval",
@@ -180,11 +181,12 @@ def run(tmp_path_factory, bpe_dir):
             p.loss_plot,
             p.root / "dvclive",
         )
-        pipeline.generate_responses(
+        p.generate_report = pipeline.generate_responses(
             GenerateParams(max_new_tokens=4, batch_size=3, device="cpu"),
             p.model,
             p.prepared / "test.json",
             p.responses,
+            p.generate_metrics,
         )
         p.eval_report = pipeline.evaluate(
             EvaluateParams(batch_size=3, device="cpu"),
@@ -408,7 +410,7 @@ if stage == "generate":
         die_after(generate_stage, "generate", 2)  # after the second batch of answers
     pipeline.generate_responses(GenerateParams(max_new_tokens=4, batch_size=3, device="cpu"),
                                 root / "data/model", root / "data/prepared/test.json",
-                                out / "test.json")
+                                out / "test.json", out / "generate.json")
 else:
     if mode == "die":
         die_after(evaluation, "write_per_entry_csv", 1)  # the table written, metrics not yet
@@ -548,7 +550,9 @@ def test_generate_prompts_limit_and_batches(run, tmp_path, tokenizer, monkeypatc
     params = GenerateParams(
         max_new_tokens=2, batch_size=2, limit=3, response_header_in_prompt=header, device="cpu"
     )
-    pipeline.generate_responses(params, run.model, run.prepared / "test.json", out)
+    pipeline.generate_responses(
+        params, run.model, run.prepared / "test.json", out, tmp_path / "generate.json"
+    )
     test_entries = load_entries(run.prepared / "test.json")[:3]
     expected = [pipeline.generation_prompt(e, "alpaca", header) for e in test_entries]
     assert [len(batch) for batch in calls] == [2, 1]
@@ -558,6 +562,38 @@ def test_generate_prompts_limit_and_batches(run, tmp_path, tokenizer, monkeypatc
     assert asked != expected  # the fixture's test prompts are not in length order
     results = json.loads(out.read_text(encoding="utf-8"))
     assert [r["instruction"] for r in results] == [e.instruction for e in test_entries]
+
+
+def test_generate_metrics_count_the_answers(run):
+    metrics = json.loads(run.generate_metrics.read_text(encoding="utf-8"))
+    assert metrics == run.generate_report
+    assert metrics["answers"] == N_TEST
+    assert metrics["stopped_at_eos"] + metrics["cut_at_max_new_tokens"] == N_TEST
+    assert metrics["new_tokens"] <= 4 * N_TEST
+    assert metrics["mean_answer_tokens"] == pytest.approx(metrics["new_tokens"] / N_TEST, abs=0.01)
+
+
+def test_generate_metrics_tell_stopped_answers_from_cut_ones(run, tmp_path, monkeypatch):
+    """An answer shorter than max_new_tokens ended with EOS (generate drops it)."""
+    given: list[int] = []
+
+    def answers(model, prompts, **kwargs):  # 4, 1, 0 tokens for a call's 1st, 2nd, 3rd prompt
+        lengths = [(4, 1, 0)[i % 3] for i in range(len(prompts))]
+        given.extend(lengths)
+        return [[EOT - 1] * n for n in lengths]
+
+    monkeypatch.setattr(generate_stage, "generate", answers)
+    params = GenerateParams(max_new_tokens=4, batch_size=3, device="cpu")
+    report = pipeline.generate_responses(
+        params, run.model, run.prepared / "test.json", tmp_path / "r.json", tmp_path / "g.json"
+    )
+    assert given == [4, 1, 0, 4]  # two batches: 3 prompts, then 1
+    assert report["answers"] == N_TEST
+    assert report["cut_at_max_new_tokens"] == 2
+    assert report["stopped_at_eos"] == 2
+    assert report["new_tokens"] == 9
+    assert report["mean_answer_tokens"] == 2.25
+    assert json.loads((tmp_path / "g.json").read_text(encoding="utf-8")) == report
 
 
 def test_evaluate_metrics_and_outputs(run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from gpt2_instruct.data import Entry, extract_response, format_prompt, load_entries
 from gpt2_instruct.devices import resolve_device
@@ -24,8 +25,14 @@ def generation_prompt(entry: Entry, style: str, response_header_in_prompt: bool)
     return prompt
 
 
-def generate_responses(params: GenerateParams, model_dir: Path, test_json: Path, out: Path) -> None:
-    """Answer every test entry; batches are formed from prompts of similar length."""
+def generate_responses(
+    params: GenerateParams, model_dir: Path, test_json: Path, out: Path, metrics: Path
+) -> dict[str, Any]:
+    """Answer every test entry; batches are formed from prompts of similar length.
+
+    The metrics say how many answers ended with ``<|endoftext|>`` and how many were cut
+    at ``max_new_tokens``: a fine-tune that never learned to stop shows there at once.
+    """
     device = resolve_device(params.device)
     model, tokenizer, style = load_instruct_model(model_dir, device=device)
     entries = load_entries(test_json)
@@ -44,21 +51,32 @@ def generate_responses(params: GenerateParams, model_dir: Path, test_json: Path,
     )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[int, str] = {}
+    answer_tokens: list[int] = []
     started = time.perf_counter()
-    new_tokens = 0
     for start in range(0, len(order), params.batch_size):
         batch = order[start : start + params.batch_size]
         outputs = generate(
             model, [prompts[i] for i in batch], eos_id=tokenizer.eot_id, sampling=sampling
         )
         for i, ids in zip(batch, outputs, strict=True):
-            new_tokens += len(ids)
+            answer_tokens.append(len(ids))
             answers[i] = extract_response(tokenizer.decode(ids), style)
         log(f"generate: {len(answers)}/{len(entries)} answers")
     seconds = time.perf_counter() - started
     results = [{**e.to_dict(), "model_response": answers[i]} for i, e in enumerate(entries)]
     write_json(out, results, indent=4)
-    log(
-        f"generate: {new_tokens} new tokens in {seconds:.1f} s "
-        f"({new_tokens / max(seconds, 1e-9):.1f} tokens/s)"
-    )
+    # generate() drops the EOS: an answer that stopped is shorter than max_new_tokens.
+    cut = sum(n == params.max_new_tokens for n in answer_tokens)
+    new_tokens = sum(answer_tokens)
+    report = {
+        "answers": len(entries),
+        "stopped_at_eos": len(entries) - cut,
+        "cut_at_max_new_tokens": cut,
+        "mean_answer_tokens": round(new_tokens / max(len(entries), 1), 2),
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 1),
+    }
+    write_json(metrics, report)
+    log(f"generate: {report}")
+    return report
