@@ -10,6 +10,7 @@ from gpt2_instruct.stages import log
 
 
 def download(params: DownloadParams, out: Path) -> None:
+    """Fetch the data set to ``out`` (checked against ``sha256`` when pinned, retried)."""
     fetch(
         params.url,
         out,

@@ -50,6 +50,11 @@ def evaluate(
     per_entry_csv: Path,
     plots_dir: Path,
 ) -> dict[str, Any]:
+    """Score every answer: its loss under the model, overlap with the reference, a judge.
+
+    The offline scores need no server; the judge (``params.judge``) is optional, and a
+    judge that cannot be reached leaves the offline metrics intact.
+    """
     entries = json.loads(responses.read_text(encoding="utf-8"))
     device = resolve_device(params.device)
     model, tokenizer, _ = load_instruct_model(model_dir, device=device)
