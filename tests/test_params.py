@@ -287,6 +287,10 @@ def _package_imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gpt2_instruct"):
             sub = node.module.removeprefix("gpt2_instruct").lstrip(".")
             found.update([sub] if sub else [alias.name for alias in node.names])
+        elif isinstance(node, ast.Import):  # import gpt2_instruct.x.y
+            for alias in node.names:
+                if alias.name.startswith("gpt2_instruct."):
+                    found.add(alias.name.removeprefix("gpt2_instruct."))
     return found
 
 
@@ -325,6 +329,9 @@ def test_code_deciding_outputs_follows_imports_inside_functions(tmp_path):
     assert "src/gpt2_instruct/judge.py" in reached  # imported only when a judge is set
     assert "src/gpt2_instruct/params.py" not in reached  # plumbing
     assert "src/gpt2_instruct/generation.py" not in reached  # evaluate never generates
+    plain = tmp_path / "plain.py"
+    plain.write_text("import gpt2_instruct.plots\n", encoding="utf-8")
+    assert _code_deciding_outputs(plain) == {"src/gpt2_instruct/plots.py"}
 
 
 def test_the_pipeline_module_only_gathers_the_stages_functions():
