@@ -4,23 +4,17 @@ Prompts of different lengths are left-padded; padding is masked out of
 attention by position and every row gets position ids that start at 0 on its
 first real token, so a batched answer is the answer the prompt would get
 alone. Rows that emit ``<|endoftext|>`` are dropped from the batch, so finished
-answers cost nothing more. Greedy decoding of an fp32 model on a CPU with native
-bf16 finds each token through ``ScreenedArgmax`` instead of the full head: the
-same token, the first maximal fp32 logit, for less work.
+answers cost nothing more.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from gpt2_instruct.model import GPTModel, KVCache, linear
-
-# bf16 keeps 8 significant bits: rounding to nearest moves a value by at most 2^-8 of it.
-_BF16_UNIT = 2.0**-8
+from gpt2_instruct.model import GPTModel, KVCache
 
 
 @dataclass(frozen=True)
@@ -64,85 +58,6 @@ def _next_tokens(
         logits = logits.scatter(1, sorted_idx, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-
-
-@functools.cache
-def _fast_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX); elsewhere it is slow."""
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(probe()) if probe is not None else False
-
-
-class ScreenedArgmax:
-    """Greedy tokens of an fp32 head, found through a bf16 screen of the vocabulary.
-
-    The head (V x C) is a decode step's largest product: a quarter of a gpt2 step at 32
-    rows. A bf16 copy of the weight gives every logit to within a proven bound, which
-    rules out almost the whole vocabulary; only the tokens it cannot rule out get their
-    logits in fp32, and the first maximal one among those is the first maximal fp32
-    logit. The error terms, per logit ``w . h`` of a weight row ``w`` and hidden ``h``:
-    rounding w and h to bf16 moves each product by at most (2u + u^2) |w_k||h_k| (u =
-    2^-8); fp32 sums of C terms, in any order (the screen's and the fp32 head's own), add
-    at most C 2^-24 sum |w_k||h_k| each; sum |w_k||h_k| <= |w|_2 |h|_2 (Cauchy-Schwarz);
-    the screen's result, rounded to bf16, moves by at most 2^-8 of itself (bounded through
-    the screen's maximum, so that very negative logits do not widen the margin). The fp32
-    logits of the chosen candidates may differ from a full (B, V) product's in the last
-    bit (another summation order), as any two fp32 products of different shapes may.
-
-    How much the bound rules out depends on the weights (measured here on random ones,
-    whose logits screen well: ~40 candidates of 50,257). Where it rules out less than
-    7/8 of the vocabulary the full fp32 head decides, and after ``max_fallbacks`` such
-    steps the screen is no longer tried, so a head it does not suit costs a few screens.
-    """
-
-    max_fallbacks = 3
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight  # (V, C) fp32
-        self.weight_bf16 = weight.to(torch.bfloat16)
-        self.max_row_norm = float(weight.norm(dim=1).max())
-        C = weight.shape[1]
-        # 1% on top covers the rounding of the norms and of the bounds themselves.
-        self.product_error = 1.01 * ((2 * _BF16_UNIT + _BF16_UNIT**2) + 2 * C * 2.0**-24)
-        self.result_error = 1.01 * _BF16_UNIT / (1 - _BF16_UNIT)
-        self.fallbacks = 0
-
-    @classmethod
-    def for_model(cls, model: GPTModel) -> ScreenedArgmax | None:
-        """The screen of ``model``'s head, or None where it does not pay or does not apply."""
-        weight = model.out_head_weight
-        usable = weight.device.type == "cpu" and weight.dtype == torch.float32
-        if not usable or model.head_lora is not None or not _fast_bf16_matmul():
-            return None
-        return cls(weight.detach())
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Token ids (B,) of the first maximal fp32 logit for final hidden states (B, C)."""
-        h = hidden.float()
-        if self.fallbacks >= self.max_fallbacks:
-            return self._first_maximal(h, self.weight)
-        screened = torch.mm(self.weight_bf16, h.to(torch.bfloat16).t()).float()  # (V, B)
-        high = screened.amax(dim=0)  # (B,); fp32 holds every bf16 value exactly
-        # |screened - fp32| <= product + r |screened| for every logit. The fp32 maximum
-        # (at most `high` on the screen) therefore screens at high - margin or more, where
-        # |screened| <= |high| + (high - screened) turns r |screened| into terms of high.
-        product = self.product_error * self.max_row_norm * h.norm(dim=1)
-        product = product + 1e-30  # bf16 products flush subnormals to zero
-        r = self.result_error
-        margin = (2 * product + 2 * r * high.abs()) / (1 - r)
-        # The last term covers the fp32 rounding of this arithmetic itself.
-        threshold = high - margin - 2.0**-20 * (high.abs() + margin)
-        candidates = ((screened - threshold).amax(dim=1) >= 0).nonzero().squeeze(1)
-        worth_it = 0 < candidates.numel() <= len(screened) // 8
-        if not worth_it or not bool(torch.isfinite(threshold).all()):
-            self.fallbacks += 1
-            return self._first_maximal(h, self.weight)  # no screen worth its cost
-        return candidates[self._first_maximal(h, self.weight[candidates])]
-
-    @staticmethod
-    def _first_maximal(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Index of the first maximal fp32 logit over ``rows`` (n, C), per hidden state."""
-        return linear(h, rows).max(dim=-1).indices  # max(dim).indices: argmax's first index
 
 
 @torch.inference_mode()
@@ -194,11 +109,8 @@ def generate(
     generator = None
     if sampling.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    screen = ScreenedArgmax.for_model(model) if sampling.temperature == 0 else None
 
     def next_tokens(last_hidden: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B,)
-        if screen is not None:
-            return screen(last_hidden)
         return _next_tokens(model.head(last_hidden), sampling, generator)
 
     outputs: list[list[int]] = [[] for _ in range(B)]
