@@ -389,8 +389,11 @@ def build_model(name: str, seed: int) -> GPTModel:
 
 
 def non_embedding_params(model: GPTModel) -> int:
-    """Parameters outside the token and position embeddings (the tied head included there)."""
+    """Parameters outside the token and position embeddings and the output head (its
+    products are counted apart, whether it is tied to the embedding or not)."""
     embedding = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
+    if model.out_head is not None:
+        embedding += model.out_head.weight.numel()
     return model.num_parameters() - embedding
 
 

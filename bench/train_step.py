@@ -179,6 +179,13 @@ def main() -> None:
         action="store_true",
         help="give HF torch.optim.AdamW(fused=True) too (default: the plain default AdamW)",
     )
+    parser.add_argument(
+        "--head",
+        choices=("untied", "tied"),
+        default="untied",
+        help="untied: the reference's separate output head, the finetune default (HF loads it "
+        "with tie_word_embeddings: false); tied: GPT-2's own layout, for both models",
+    )
     parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak")
     parser.add_argument("--peak-repeats", type=int, default=10)
     args = parser.parse_args()
@@ -206,6 +213,8 @@ def main() -> None:
     peak = peak_fp32 if args.dtype == "fp32" else peak_bf16
 
     model = build_model(args.model, args.seed)
+    if args.head == "untied":
+        model.untie_embeddings()  # a copy of wte, trained on its own
     config = model.config
     n_params = model.num_parameters()
     n_nonemb = non_embedding_params(model)
@@ -281,6 +290,7 @@ def main() -> None:
             "warmup": args.warmup,
             "batch_size": args.batch_size,
             "batch_order": args.batch_order,
+            "head": args.head,
             "only": args.only,
             "interleave": args.interleave,
             "data": data.source,

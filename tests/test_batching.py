@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from gpt2_instruct.batching import BatchOrder, TokenizedSplit, collate
+from gpt2_instruct.batching import BatchOrder, SplitError, TokenizedSplit, collate, read_meta
 from gpt2_instruct.model import IGNORE_INDEX
 
 PAD = 9
@@ -144,3 +148,72 @@ def test_tokenized_split_round_trip(tmp_path) -> None:
     assert again.lengths.tolist() == [3, 1, 2]
     assert again.prompt_lengths.tolist() == [2, 1, 1]
     assert list(tmp_path.iterdir()) == [tmp_path / "s.safetensors"]
+
+
+def _good() -> dict[str, torch.Tensor]:
+    split = TokenizedSplit.from_lists([[1, 2, 3], [4, 5]], [2, 1])
+    return {"ids": split.ids, "offsets": split.offsets, "prompt_lengths": split.prompt_lengths}
+
+
+def _ids_out_of_vocab(t):
+    t["ids"] = torch.tensor([1, 2, 3, 4, 99], dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda t: t.pop("offsets"), "missing tensors"),
+        (lambda t: t.update(ids=t["ids"].float()), "1-D integer"),
+        (lambda t: t.update(offsets=t["offsets"].view(1, -1)), "1-D integer"),
+        (lambda t: t.update(offsets=torch.tensor([0, 3, 9])), "offsets do not match"),
+        (lambda t: t.update(offsets=torch.tensor([1, 3, 5])), "offsets do not match"),
+        (lambda t: t.update(offsets=torch.tensor([0, 5, 5])), "offsets do not match"),
+        (
+            lambda t: t.update(prompt_lengths=torch.tensor([4, 1], dtype=torch.int32)),
+            "prompt length",
+        ),
+        (
+            lambda t: t.update(prompt_lengths=torch.tensor([-1, 1], dtype=torch.int32)),
+            "prompt length",
+        ),
+        (_ids_out_of_vocab, "outside the model's vocabulary of 50"),
+        (lambda t: t.update(ids=-t["ids"]), "outside the model's vocabulary"),
+    ],
+)
+def test_a_damaged_split_is_refused_naming_the_file(tmp_path: Path, damage, message: str) -> None:
+    """A hand-edited split fails on load, not as an IndexError deep in batching."""
+    from safetensors.torch import save_file
+
+    tensors = _good()
+    damage(tensors)
+    path = tmp_path / "train.safetensors"
+    save_file(tensors, path)
+    with pytest.raises(SplitError, match=message) as info:
+        TokenizedSplit.load(path, vocab_size=50)
+    assert str(path) in str(info.value)
+
+
+def test_a_split_that_is_not_safetensors_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "train.safetensors"
+    path.write_bytes(b"\x80\x04pickle")
+    with pytest.raises(SplitError, match="not a readable safetensors file"):
+        TokenizedSplit.load(path)
+    TokenizedSplit.from_lists([[1, 2]], [1]).save(path)
+    assert TokenizedSplit.load(path, vocab_size=3)[0] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ([], "JSON object"),
+        ({"vocab_size": 50257, "eot_id": 50256}, "'prompt_style' must be str"),
+        ({"vocab_size": "50257", "eot_id": 50256, "prompt_style": "alpaca"}, "'vocab_size'"),
+        ({"vocab_size": 50257, "eot_id": True, "prompt_style": "alpaca"}, "'eot_id' must be int"),
+        ({"vocab_size": 50257, "eot_id": 50257, "prompt_style": "alpaca"}, "outside the vocab"),
+    ],
+)
+def test_meta_json_fields_are_checked(tmp_path: Path, meta: object, message: str) -> None:
+    path = tmp_path / "meta.json"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(SplitError, match=message):
+        read_meta(path)

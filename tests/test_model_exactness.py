@@ -280,3 +280,23 @@ def test_vector_math_is_as_accurate_in_every_process() -> None:
         for _ in range(10)
     ]
     assert max(errors) < 1e-6, errors
+
+
+def test_untied_checkpoints_match_hf_both_ways(tmp_path: Path) -> None:
+    """The reference's layout: HF's untied GPT-2 loads in ours and ours in HF, same logits."""
+    path, hf = _hf_checkpoint(tmp_path / "src", **TINY, tie_word_embeddings=False)
+    with torch.no_grad():
+        hf.lm_head.weight.add_(torch.randn_like(hf.lm_head.weight) * 0.05)
+    hf.save_pretrained(path)
+    ours = load_model(path).eval()
+    assert not ours.config.tie_embeddings
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        assert (ours(idx) - expected).abs().max().item() <= 1e-4
+    save_model(ours, tmp_path / "out")
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    assert again.lm_head.weight.data_ptr() != again.transformer.wte.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(again.lm_head.weight, hf.lm_head.weight)
+        assert (again(idx).logits - expected).abs().max().item() <= 1e-4

@@ -228,6 +228,9 @@ def test_prepare_splits_in_file_order_and_reports(run):
         "duplicate_pairs": 0,
         "test_prompts_seen_in_train": 0,
         "val_prompts_seen_in_train": 0,
+        "warnings": 0,
+        "warnings_blank_input": 0,
+        "warnings_duplicate_key": 0,
     }
 
 
@@ -468,10 +471,16 @@ def test_finetune_saves_a_loadable_model(run, bpe_dir):
 
 
 def test_finetune_changed_the_weights(run):
+    """The default layout is the reference's: the export gains a separate, trained head
+    that started as a copy of the embedding and moved away from it."""
     base = load_file(run.base / "model.safetensors")
     tuned = load_file(run.model / "model.safetensors")
-    assert base.keys() == tuned.keys()
-    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    assert "lm_head.weight" not in base
+    assert tuned.keys() == base.keys() | {"lm_head.weight"}
+    assert all(not torch.equal(base[k], tuned[k]) for k in base if k.endswith("wte.weight"))
+    assert not torch.equal(tuned["lm_head.weight"], tuned["transformer.wte.weight"])
+    config = json.loads((run.model / "config.json").read_text(encoding="utf-8"))
+    assert config["tie_word_embeddings"] is False
 
 
 def test_finetune_metrics_and_log(run):
@@ -799,15 +808,21 @@ def test_evaluate_with_a_judge_server(run, tmp_path):
     assert (tmp_path / "plots/judge_histogram.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_evaluate_without_a_judge_server_still_writes_offline_metrics(run, tmp_path):
+def test_evaluate_without_a_judge_server_writes_offline_metrics_then_fails(run, tmp_path):
+    from gpt2_instruct.judge import JudgeError
+
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    summary = _evaluate_with_judge(run, tmp_path, f"http://127.0.0.1:{port}")
-    assert "could not reach" in summary["judge_error"]
-    assert summary["judge_count"] == 0
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(JudgeError, match="could not reach") as info:  # exit 1: DVC won't cache
+        _evaluate_with_judge(run, tmp_path, url)
+    assert url in str(info.value) and "scored none" in str(info.value)
     saved = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
-    assert saved["count"] == summary["count"] and math.isfinite(saved["rougeL"])
+    assert saved["count"] > 0 and math.isfinite(saved["rougeL"])
+    assert saved["judge_count"] == 0 and saved["judge_failed"] == {"unreachable": saved["count"]}
+    rows = list(csv.DictReader((tmp_path / "per_entry.csv").open(encoding="utf-8")))
+    assert all(row["judge_error"].startswith("unreachable: ") for row in rows)
 
 
 def _serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import json
 import math
 import signal
 import subprocess
@@ -48,8 +49,14 @@ def fresh_model() -> GPTModel:
 
 
 def reference_run(params: FinetuneParams) -> tuple[list[tuple[float, float]], GPTModel, int]:
-    """The reference's train_model_simple, restated with DataLoaders and the global RNG."""
+    """The reference's train_model_simple, restated with DataLoaders and the global RNG.
+
+    Our model stands in for the reference's here (``test_reference_recipe.py`` restates
+    that too); like the reference's, its output head is a trained copy of the embedding.
+    """
     model = fresh_model()
+    if not params.tie_embeddings:
+        model.untie_embeddings()
 
     def loader(split: TokenizedSplit, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -180,9 +187,9 @@ def test_bf16_evaluation_casts_each_weight_once_and_reports_the_same_losses() ->
     matrices = [p for p in trainer.model.parameters() if p.ndim == 2]
     with _CountCasts(matrices) as counter:
         train_loss, val_loss = trainer.evaluate()
-    assert set(counter.casts) == {
-        m.data_ptr() for m in matrices if m is not trainer.model.pos_emb.weight
-    }
+    looked_up = {trainer.model.pos_emb.weight, trainer.model.tok_emb.weight}  # untied: both
+    assert trainer.model.out_head is not None
+    assert set(counter.casts) == {m.data_ptr() for m in matrices if m not in looked_up}
     assert set(counter.casts.values()) == {1}
 
     def recast_each_batch(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -280,21 +287,28 @@ def test_interrupt_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, sig: i
         assert torch.equal(tensor, resumed["model"][name]), name
 
 
-def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path) -> None:
+def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path, capsys) -> None:
     params = dataclasses.replace(RECIPE, checkpoint_every=2, max_steps=3)  # checkpoint at 2
-    Trainer(
-        fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
-    ).train()
-    other = dataclasses.replace(params, lr=2e-3)
-    trainer = Trainer(
-        fresh_model(), TRAIN, VAL, other, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
-    )
-    assert trainer.load_checkpoint() is False
-    same = Trainer(
-        fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, checkpoint_dir=tmp_path
-    )
+
+    def trainer(p: FinetuneParams, **inputs: str) -> Trainer:
+        return Trainer(
+            fresh_model(), TRAIN, VAL, p, pad_id=PAD, progress=False, checkpoint_dir=tmp_path,
+            inputs=inputs,
+        )  # fmt: skip
+
+    trainer(params, data="a").train()
+    same = trainer(params, data="a")
     assert same.load_checkpoint() is True
     assert same.state.step == 2
+    for other, inputs, changed in [
+        (dataclasses.replace(params, lr=2e-3), {"data": "a"}, "params.lr"),
+        (dataclasses.replace(params, tie_embeddings=True), {"data": "a"}, "model.tie_embeddings"),
+        (params, {"data": "b"}, "inputs.data"),
+    ]:
+        trainer(params, data="a").train()  # a fresh checkpoint at step 2
+        assert trainer(other, **inputs).load_checkpoint() is False
+        assert f"changed: {changed}" in capsys.readouterr().out
+        assert not (tmp_path / CHECKPOINT_NAME).exists()  # stale: deleted
 
 
 def test_checkpoint_skips_the_zip_checksums_and_resumes_the_same_weights(tmp_path: Path) -> None:
@@ -411,6 +425,7 @@ def test_lora_trains_adapters_only_and_exports_a_plain_gpt2(tmp_path: Path) -> N
     with torch.no_grad():
         adapted = trainer.model(idx)
     exported = trainer.export_model()
+    original["out_head.weight"] = original["tok_emb.weight"]  # the reference's untied copy
     assert set(exported.state_dict()) == set(original)
     save_model(exported, tmp_path)
     reloaded = load_model(tmp_path).eval()
@@ -418,6 +433,30 @@ def test_lora_trains_adapters_only_and_exports_a_plain_gpt2(tmp_path: Path) -> N
         torch.testing.assert_close(reloaded(idx), adapted, rtol=0, atol=1e-5)
     changed = [k for k, v in reloaded.state_dict().items() if not torch.equal(v, original[k])]
     assert changed and all(".attn.qkv.weight" in k or ".ff.fc.weight" in k for k in changed)
+
+
+def test_lora_head_adapter_merges_into_the_separate_head(tmp_path: Path) -> None:
+    """Untied (the default), the head is a Linear of its own: its adapter merges and exports."""
+    from gpt2_instruct.weights import load_model, save_model
+
+    params = dataclasses.replace(
+        RECIPE, max_steps=3, lora=LoRAParams(rank=2, alpha=4.0, dropout=0.0, targets=("head",))
+    )
+    base = fresh_model()
+    embedding = base.tok_emb.weight.detach().clone()
+    trainer = Trainer(base, TRAIN, VAL, params, pad_id=PAD, progress=False)
+    assert trainer.trainable_parameters == 2 * (CONFIG.n_embd + CONFIG.vocab_size)
+    trainer.train()
+    idx = torch.tensor([TRAIN[0]])
+    with torch.no_grad():
+        adapted = trainer.model(idx)
+    save_model(trainer.export_model(), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    reloaded = load_model(tmp_path).eval()
+    assert torch.equal(reloaded.tok_emb.weight, embedding)  # the input side is untouched
+    assert not torch.equal(reloaded.out_head.weight, embedding)  # the merged update
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx), adapted, rtol=0, atol=1e-5)
 
 
 def test_finish_frees_gradients_and_optimizer_state_but_still_evaluates() -> None:

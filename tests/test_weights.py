@@ -119,7 +119,7 @@ def test_missing_and_broken_config(tmp_path: Path, checkpoint: Path) -> None:
     with pytest.raises(WeightsError, match=r"config\.json: not found"):
         load_model(tmp_path / "nowhere")
     (checkpoint / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(WeightsError, match="not valid JSON"):
+    with pytest.raises(WeightsError, match=r"config\.json: invalid JSON at line 1, column 2"):
         load_model(checkpoint)
     config = config_to_hf(CONFIG)
     del config["n_layer"]
@@ -146,3 +146,93 @@ def test_loaded_model_owns_its_memory_and_leaves_the_file_unmapped(checkpoint: P
     ):
         assert torch.equal(got, want), name
         assert got.is_contiguous(), name
+
+
+UNTIED = GPTConfig(**{**CONFIG.to_dict(), "tie_embeddings": False})
+
+
+@pytest.fixture
+def untied_checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = GPTModel(CONFIG)
+    model.untie_embeddings()
+    with torch.no_grad():
+        model.out_head.weight.add_(1.0)  # trained apart from the embedding
+    save_model(model, tmp_path)
+    return tmp_path
+
+
+def test_untied_model_round_trips_with_its_own_head(untied_checkpoint: Path) -> None:
+    config = json.loads((untied_checkpoint / CONFIG_NAME).read_text())
+    assert config["tie_word_embeddings"] is False
+    tensors = load_file(untied_checkpoint / WEIGHTS_NAME)
+    assert torch.equal(tensors["lm_head.weight"], tensors["transformer.wte.weight"] + 1.0)
+    model = load_model(untied_checkpoint)
+    assert model.config == UNTIED
+    assert torch.equal(model.out_head.weight, tensors["lm_head.weight"])
+    assert torch.equal(model.tok_emb.weight, tensors["transformer.wte.weight"])
+
+
+def test_untied_config_without_a_head_tensor(untied_checkpoint: Path) -> None:
+    _rewrite(untied_checkpoint, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(WeightsError, match=r"missing tensor 'lm_head\.weight'.*false"):
+        load_model(untied_checkpoint)
+
+
+def test_untied_head_of_the_wrong_shape(untied_checkpoint: Path) -> None:
+    _rewrite(untied_checkpoint, lambda t: t.update({"lm_head.weight": torch.zeros(40, 4)}))
+    with pytest.raises(WeightsError, match=r"'lm_head\.weight' has shape \(40, 4\)"):
+        load_model(untied_checkpoint)
+
+
+def test_a_tensor_stored_under_two_names_is_refused(checkpoint: Path) -> None:
+    def duplicate(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["wte.weight"] = torch.zeros_like(tensors["transformer.wte.weight"])
+
+    _rewrite(checkpoint, duplicate)
+    with pytest.raises(WeightsError, match=r"'wte\.weight' is stored twice"):
+        load_model(checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings must be true or false"),
+        ({"n_layer": 10**9}, "holds 2 transformer blocks, but config.json says n_layer="),
+    ],
+)
+def test_config_fields_checked_before_the_model_is_built(
+    checkpoint: Path, change: dict, message: str
+) -> None:
+    (checkpoint / CONFIG_NAME).write_text(json.dumps({**config_to_hf(CONFIG), **change}))
+    with pytest.raises(WeightsError, match=message):
+        load_model(checkpoint)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["transformer.h.1.mlp.c_fc.weight", "lm_head.weight"])
+def test_non_finite_weights_are_refused(untied_checkpoint: Path, bad: float, name: str) -> None:
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[3] = bad
+
+    _rewrite(untied_checkpoint, poison)
+    with pytest.raises(WeightsError, match=rf"'{name.removeprefix('transformer.')}'.*NaN or inf"):
+        load_model(untied_checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"n_layer": ' + "[" * 100_000, "nested"),
+        ('{"n_layer": 1' + "0" * 5000 + "}", "number"),
+        ('{"n_layer": 2, "n_layer": 3}', "repeats the key 'n_layer'"),
+        (json.dumps({**config_to_hf(CONFIG), "n_layer": None}), "n_layer"),
+        (json.dumps({**config_to_hf(CONFIG), "n_embd": "8"}), "n_embd"),
+    ],
+)
+def test_hostile_config_json_is_one_error(checkpoint: Path, text: str, message: str) -> None:
+    (checkpoint / CONFIG_NAME).write_text(text)
+    with pytest.raises(WeightsError, match=message) as info:
+        load_model(checkpoint)
+    assert str(checkpoint / CONFIG_NAME) in str(info.value)

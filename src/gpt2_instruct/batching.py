@@ -15,10 +15,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2_instruct.io import atomic_path
 from gpt2_instruct.model import IGNORE_INDEX
+from gpt2_instruct.safe_json import read_json
+
+
+class SplitError(ValueError):
+    """A tokenized split, or its ``meta.json``, that the tokenize stage did not write so."""
+
+
+META_FIELDS = {"vocab_size": int, "eot_id": int, "prompt_style": str}
+
+
+def read_meta(path: str | Path) -> dict[str, object]:
+    """The tokenize stage's ``meta.json``, with the fields later stages use checked."""
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise SplitError(f"{path}: expected a JSON object")
+    for field, kind in META_FIELDS.items():
+        if type(meta.get(field)) is not kind:
+            raise SplitError(
+                f"{path}: field {field!r} must be {kind.__name__}, got {meta.get(field)!r}"
+            )
+    if not 0 <= meta["eot_id"] < meta["vocab_size"]:  # type: ignore[operator]
+        raise SplitError(f"{path}: field 'eot_id' is outside the vocabulary")
+    return meta
 
 
 @dataclass
@@ -57,17 +81,52 @@ class TokenizedSplit:
             )
 
     @classmethod
-    def load(cls, path: str | Path) -> TokenizedSplit:
-        tensors = load_file(path)
+    def load(cls, path: str | Path, *, vocab_size: int | None = None) -> TokenizedSplit:
+        """Read a split written by :meth:`save`, checking every invariant batching relies on.
+
+        A damaged or hand-edited file fails here, naming it, instead of as an
+        ``IndexError`` deep in batching or the embedding (ids beyond ``vocab_size``).
+        """
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise SplitError(f"{path}: not a readable safetensors file ({err})") from None
         missing = {"ids", "offsets", "prompt_lengths"} - tensors.keys()
         if missing:
-            raise ValueError(f"{path}: missing tensors {sorted(missing)}")
-        split = cls(tensors["ids"], tensors["offsets"], tensors["prompt_lengths"])
-        if len(split.offsets) != len(split.prompt_lengths) + 1 or (
-            len(split.offsets) and split.offsets[-1].item() != len(split.ids)
+            raise SplitError(f"{path}: missing tensors {sorted(missing)}")
+        for name in ("ids", "offsets", "prompt_lengths"):
+            t = tensors[name]
+            if (
+                t.dim() != 1
+                or t.dtype.is_floating_point
+                or t.dtype.is_complex
+                or t.dtype == torch.bool
+            ):
+                raise SplitError(f"{path}: tensor {name!r} must be a 1-D integer tensor")
+        split = cls(tensors["ids"], tensors["offsets"].long(), tensors["prompt_lengths"])
+        offsets, lengths = split.offsets, split.offsets[1:] - split.offsets[:-1]
+        if (
+            len(offsets) != len(split.prompt_lengths) + 1
+            or len(offsets) == 0
+            or offsets[0].item() != 0
+            or offsets[-1].item() != len(split.ids)
+            or bool((lengths <= 0).any())
         ):
-            raise ValueError(f"{path}: offsets do not match ids and prompt_lengths")
+            raise SplitError(f"{path}: offsets do not match ids and prompt_lengths")
+        if bool(((split.prompt_lengths < 0) | (split.prompt_lengths > lengths)).any()):
+            raise SplitError(f"{path}: a prompt length is negative or longer than its example")
+        split.check_ids(path, vocab_size)
         return split
+
+    def check_ids(self, source: str | Path, vocab_size: int | None = None) -> None:
+        """Every token id is >= 0 and, given ``vocab_size``, below it; ``source`` names the file."""
+        if len(self.ids) and (
+            self.ids.min().item() < 0
+            or (vocab_size is not None and self.ids.max().item() >= vocab_size)
+        ):
+            raise SplitError(f"{source}: token ids outside the model's vocabulary of {vocab_size}")
 
 
 def collate(

@@ -247,8 +247,8 @@ def barrier(device: torch.device) -> None:
 def shard_fsdp(model: GPTModel, device: torch.device, world: World) -> None:
     """Shard ``model`` in place over every rank: one FSDP unit per block, the rest in the root.
 
-    The root unit holds the embeddings (the tied output head with them), the final norm
-    and any head adapter; ``GPTModel.loss`` becomes a method that gathers them.
+    The root unit holds the embeddings, the output head (tied or separate), the final
+    norm and any head adapter; ``GPTModel.loss`` becomes a method that gathers them.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method

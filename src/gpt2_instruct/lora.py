@@ -11,7 +11,7 @@ Targets, per transformer block unless noted:
 
 - ``attn_qkv``: ``blocks[i].attn.qkv``      - ``attn_out``: ``blocks[i].attn.out_proj``
 - ``ff_fc``:    ``blocks[i].ff.fc``         - ``ff_proj``:  ``blocks[i].ff.proj``
-- ``head``: the output projection, which GPT-2 ties to the token embedding.
+- ``head``: the output projection (``out_head``, or the token embedding when tied).
 
 The Linear targets are wrapped in place by :class:`LoRALinear` (the original
 layer lives on as ``.base``). :func:`merge_lora` folds the updates back and puts
@@ -19,8 +19,10 @@ the plain ``nn.Linear`` layers back under their original names, so
 ``model.state_dict()`` has exactly the keys of an unadapted model and
 ``weights.save_model`` writes an ordinary GPT-2 checkpoint.
 
-``head`` cannot touch the tied ``tok_emb.weight`` (that would change the input
-embedding too), so it is a separate adapter, ``model.head_lora``
+An untied model (the reference's layout, ``finetune.tie_embeddings: false``) has an
+``out_head`` Linear of its own, which ``head`` wraps like any other target: it merges
+and exports. A tied head cannot touch ``tok_emb.weight`` (that would change the input
+embedding too), so there it is a separate adapter, ``model.head_lora``
 (:class:`LoRAHeadDelta`), which the model adds to its output projection. For the
 same reason it cannot be merged into a tied GPT-2 checkpoint. ``GPTModel``
 consults the adapter when it declares the slot ``self.head_lora = None`` and
@@ -186,6 +188,9 @@ def apply_lora(
 
     model.requires_grad_(False)
     for target in chosen:
+        if target == "head" and model.out_head is not None:  # untied: a Linear like the rest
+            model.out_head = LoRALinear(model.out_head, rank=rank, alpha=alpha, dropout=dropout)
+            continue
         if target == "head":
             weight = model.tok_emb.weight
             vocab_size, n_embd = weight.shape
@@ -212,14 +217,14 @@ def merge_lora(model: GPTModel) -> None:
     parameter is trainable again. A model without adapters is left as it is.
 
     Raises:
-        ValueError: the model has a ``head`` adapter, which has no weight of its own
-            to merge into (GPT-2's output projection is the tied token embedding).
-            Nothing is changed then.
+        ValueError: the model has a tied ``head`` adapter, which has no weight of its
+            own to merge into (the output projection is the token embedding). Nothing
+            is changed then.
     """
     if getattr(model, "head_lora", None) is not None:
         raise ValueError(
-            "head LoRA cannot be merged into GPT-2's tied embedding; "
-            "use targets without 'head' to export"
+            "a LoRA 'head' adapter cannot be merged into the tied embedding; train with "
+            "finetune.tie_embeddings: false (the default) or without 'head' to export"
         )
     wrapped = [
         (parent, name, child)

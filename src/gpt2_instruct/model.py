@@ -1,17 +1,18 @@
 """GPT-2 in plain PyTorch, computing exactly what OpenAI's GPT-2 computes.
 
 Pre-LayerNorm transformer blocks with learned position embeddings, fused q/k/v
-projection, tanh-approximated GELU and an output head tied to the token
-embedding. Attention goes through ``scaled_dot_product_attention`` so the
-fastest kernel of the device is used; the optional key/value cache is
-pre-allocated once per generation call and written in place.
+projection, tanh-approximated GELU and an output head that is either tied to the
+token embedding (GPT-2's own layout) or a separate weight (the reference's
+``out_head``, a trained copy of ``wte``). Attention goes through
+``scaled_dot_product_attention`` so the fastest kernel of the device is used; the
+optional key/value cache is pre-allocated once per generation call and written in place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,7 @@ class GPTConfig:
     n_head: int = 12
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # False: a separate output head (``out_head``)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head"):
@@ -502,7 +504,12 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """GPT-2: embeddings, ``n_layer`` transformer blocks, final LayerNorm, tied head."""
+    """GPT-2: embeddings, ``n_layer`` transformer blocks, final LayerNorm, output head.
+
+    The head is the token embedding itself when ``config.tie_embeddings`` (GPT-2's
+    layout), else ``out_head``, a weight of its own (the reference's layout; see
+    ``untie_embeddings``).
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -512,7 +519,11 @@ class GPTModel(nn.Module):
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.final_norm = LayerNorm(config.n_embd, config.layer_norm_eps)
-        self.head_lora: nn.Module | None = None  # set by lora.apply_lora(targets=[..., "head"])
+        self.out_head: nn.Module | None = (
+            None if config.tie_embeddings else Linear(config.n_embd, config.vocab_size, bias=False)
+        )
+        # The tied head's adapter: set by lora.apply_lora(targets=[..., "head"]).
+        self.head_lora: nn.Module | None = None
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at initialisation.
         for name, param in self.named_parameters():
@@ -530,15 +541,42 @@ class GPTModel(nn.Module):
 
     @property
     def out_head_weight(self) -> torch.Tensor:
-        """The output projection is the token embedding (weight tying)."""
-        return self.tok_emb.weight
+        """The output projection's (V, C) weight: ``out_head``'s, or the token embedding."""
+        if self.out_head is None:
+            return self.tok_emb.weight
+        return self.out_head.weight
+
+    @torch.no_grad()
+    def untie_embeddings(self) -> None:
+        """Give the output head a weight of its own, a copy of the token embedding.
+
+        This is the reference's ``load_weights_into_gpt``: its ``out_head`` gets a new
+        ``nn.Parameter`` initialised from ``wte``, and the two are then trained apart.
+        The logits do not change; what is learned does. A model already untied is left
+        as it is.
+        """
+        if self.out_head is not None:
+            return
+        if self.head_lora is not None:
+            raise ValueError("untie the embeddings before adding a LoRA 'head' adapter")
+        weight = self.tok_emb.weight
+        head = Linear(
+            self.config.n_embd, self.config.vocab_size, bias=False,
+            device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        head.weight.copy_(weight)
+        head.weight.requires_grad_(weight.requires_grad)
+        self.out_head = head
+        self.config = replace(self.config, tie_embeddings=False)
 
     def head(self, hidden: torch.Tensor, *, tied: _TiedGradient | None = None) -> torch.Tensor:
         """Vocabulary logits (..., V) for final hidden states (..., C); (K, C) with ``tied``."""
+        if self.out_head is not None:
+            return self.out_head(hidden)
         if tied is None:
-            logits = linear(hidden, self.out_head_weight)
+            logits = linear(hidden, self.tok_emb.weight)
         else:
-            logits = _TiedHead.apply(hidden, self.out_head_weight, tied)
+            logits = _TiedHead.apply(hidden, self.tok_emb.weight, tied)
         return logits if self.head_lora is None else logits + self.head_lora(hidden)
 
     def num_parameters(self) -> int:
@@ -616,7 +654,7 @@ class GPTModel(nn.Module):
         mask (N,) of counted positions among the packed ones."""
         packing = Packing.for_targets(targets)
         tied = None
-        if torch.is_grad_enabled() and self.out_head_weight.requires_grad:
+        if self.out_head is None and torch.is_grad_enabled() and self.tok_emb.weight.requires_grad:
             tied = _TiedGradient()  # the tied weight's gradient built in one buffer
         hidden = self.hidden_states(idx, packing=packing, tied=tied)  # (N, C)
         packed_targets = packing.pack(targets)  # (N,)

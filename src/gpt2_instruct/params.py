@@ -4,22 +4,54 @@ A stage reads only its own section. Unknown keys, wrong types and values out of
 range fail before any work starts, naming ``params.yaml``, the section and the
 key, so a typo in ``dvc exp run -S finetune.lerning_rate=...`` cannot silently
 run the default recipe.
+
+Every value is bounded, not only typed: numbers must be finite, integers fit 64 bits,
+counts have sane caps (batch sizes <= 65536, epochs <= 10,000, steps <= 10**9, seeds in
+0..2**63-1, the random model at most GPT-2 XL's 48 layers and width 1600), strings hold no
+NUL. Cross-section limits are checked in ``Params.__post_init__``: ``generate.max_new_tokens``
+below the model's context and ``finetune.lora.rank`` at most its width, where
+``fetch_gpt2`` tells them (hub and random models; a local model is checked by finetune and
+generate when they load it), and every ``device`` must exist on this machine. The file
+itself is bounded: at most 1 MiB, nesting at most 32 deep and at most 100,000 values once
+YAML aliases are expanded (an "alias bomb" of 1 KB expands to 387 million), and a value
+quoted in a message is cut to 80 characters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import reprlib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import torch
 from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, ScalarEvent
 
 from gpt2_instruct.model import GPT2_CONFIGS
 
 PARAMS_FILE = "params.yaml"
+
+MAX_FILE_BYTES = 1 << 20  # a params file is a few KB
+MAX_YAML_DEPTH = 32  # nested mappings/lists
+MAX_YAML_VALUES = 100_000  # values (scalars and collections) with aliases expanded
+MAX_INT = 2**63 - 1  # every integer param fits a signed 64-bit integer
+MAX_SEED = 2**63 - 1  # torch.manual_seed and random.Random take 0..2**63-1 (and more)
+MAX_BATCH = 65536  # examples in one batch (any batch size)
+MAX_EPOCHS = 10_000
+MAX_STEPS = 10**9  # steps, step intervals, limits
+MAX_LIST_ITEMS = 100  # a list param (lora.targets)
+# The random model: at most GPT-2 XL's shape, the largest published GPT-2.
+MAX_RANDOM_LAYERS = 48
+MAX_RANDOM_WIDTH = 1600
+MAX_CONTEXT = 1024  # every GPT-2's context; GPTConfig.context_length of every model here
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,4})?")
 
 
 class ParamsError(ValueError):
@@ -35,12 +67,23 @@ class DownloadParams:
         "01_main-chapter-code/instruction-data.json"
     )
     sha256: str | None = None
-    timeout: float = 60.0
+    size: int | None = None  # the exact size in bytes (null: unknown; max_bytes caps it)
+    max_bytes: int = 64 << 20  # largest body accepted, counted after gzip decoding
+    timeout: float = 60.0  # seconds per connect and per read
+    deadline_s: float = 600.0  # seconds for the whole download, retries included
     retries: int = 3
 
     def __post_init__(self) -> None:
-        _check(self.timeout > 0, "timeout must be > 0")
-        _check(self.retries >= 0, "retries must be >= 0")
+        _check(0 < self.timeout < float("inf"), "timeout must be a finite number > 0 (seconds)")
+        _check(
+            0 < self.deadline_s < float("inf"), "deadline_s must be a finite number > 0 (seconds)"
+        )
+        _check(0 <= self.retries <= 20, "retries must be in 0..20")
+        _check(self.max_bytes > 0, "max_bytes must be > 0")
+        _check(
+            self.size is None or 0 < self.size <= self.max_bytes,
+            f"size must be > 0 and at most max_bytes ({self.max_bytes}), or null",
+        )
 
 
 @dataclass(frozen=True)
@@ -56,6 +99,7 @@ class PrepareParams:
         _check(0 < self.train_fraction < 1, "train_fraction must be in (0, 1)")
         _check(0 < self.test_fraction < 1, "test_fraction must be in (0, 1)")
         _check(self.train_fraction + self.test_fraction < 1, "train + test fractions must be < 1")
+        _check_seed(self.seed)
 
 
 @dataclass(frozen=True)
@@ -74,9 +118,13 @@ class RandomModelParams:
     seed: int = 123
 
     def __post_init__(self) -> None:
-        _check(self.n_layer > 0 and self.n_head > 0, "n_layer and n_head must be > 0")
+        xl = " (GPT-2 XL's shape caps a random model)"
+        _check_int(self.n_layer, "n_layer", 1, MAX_RANDOM_LAYERS, xl)
+        _check_int(self.n_embd, "n_embd", 1, MAX_RANDOM_WIDTH, xl)
+        _check_int(self.n_head, "n_head", 1, self.n_embd, " (at most n_embd)")
         _check(self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head")
-        _check(0 < self.context_length <= 1024, "context_length must be in 1..1024")
+        _check(0 < self.context_length <= MAX_CONTEXT, "context_length must be in 1..1024")
+        _check_seed(self.seed)
 
 
 @dataclass(frozen=True)
@@ -89,21 +137,27 @@ class FetchParams:
     hub_url: str = "https://huggingface.co"
     local_dir: str | None = None
     bpe_source: str = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
-    timeout: float = 60.0
+    timeout: float = 60.0  # seconds per connect and per read
+    deadline_s: float = 3600.0  # seconds for each file's download, retries included
     retries: int = 3
+    max_bytes: int | None = None  # cap on model.safetensors (null: from the model's size)
     random: RandomModelParams = field(default_factory=RandomModelParams)
 
     def __post_init__(self) -> None:
         _check(
             self.model in GPT2_CONFIGS,
-            f"model must be one of {sorted(GPT2_CONFIGS)}, got {self.model!r}",
+            f"model must be one of {sorted(GPT2_CONFIGS)}, got {_short(self.model)}",
         )
         _check(
             self.source != "local" or bool(self.local_dir),
             "source 'local' needs local_dir (a directory with model.safetensors + config.json)",
         )
-        _check(self.timeout > 0, "timeout must be > 0")
-        _check(self.retries >= 0, "retries must be >= 0")
+        _check(0 < self.timeout < float("inf"), "timeout must be a finite number > 0 (seconds)")
+        _check(
+            0 < self.deadline_s < float("inf"), "deadline_s must be a finite number > 0 (seconds)"
+        )
+        _check(0 <= self.retries <= 20, "retries must be in 0..20")
+        _check(self.max_bytes is None or self.max_bytes > 0, "max_bytes must be > 0 or null")
 
 
 @dataclass(frozen=True)
@@ -117,12 +171,12 @@ class LoRAParams:
 
     def __post_init__(self) -> None:
         valid = ("attn_qkv", "attn_out", "ff_fc", "ff_proj", "head")
-        _check(self.rank >= 0, "rank must be >= 0 (0: no LoRA)")
+        _check_int(self.rank, "rank", 0, MAX_RANDOM_WIDTH, " (0: no LoRA; at most the width)")
         _check(self.alpha > 0, "alpha must be > 0")
         _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
         _check(bool(self.targets), "targets must not be empty")
         unknown = [t for t in self.targets if t not in valid]
-        _check(not unknown, f"unknown targets {unknown}; valid: {list(valid)}")
+        _check(not unknown, f"unknown targets {_short(unknown)}; valid: {list(valid)}")
 
 
 @dataclass(frozen=True)
@@ -142,8 +196,8 @@ class DistributedParams:
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
-        _check(self.nproc_per_node > 0, "nproc_per_node must be > 0 (1: a single process)")
-        _check(self.timeout_s > 0, "timeout_s must be > 0")
+        _check_int(self.nproc_per_node, "nproc_per_node", 1, 1024, " (1: a single process)")
+        _check(0 < self.timeout_s <= 7 * 86400, "timeout_s must be in (0, 604800] (a week)")
 
 
 @dataclass(frozen=True)
@@ -154,6 +208,7 @@ class FinetuneParams:
     epochs: int = 2
     batch_size: int = 8
     micro_batch_size: int | None = None
+    tie_embeddings: bool = False
     lr: float = 5.0e-5
     weight_decay: float = 0.1
     decay_norms_and_biases: bool = True
@@ -179,8 +234,10 @@ class FinetuneParams:
     distributed: DistributedParams = field(default_factory=DistributedParams)
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, "epochs must be > 0")
-        _check(self.batch_size > 0, "batch_size must be > 0")
+        _check_seed(self.seed)
+        _check_int(self.epochs, "epochs", 1, MAX_EPOCHS)
+        _check_int(self.batch_size, "batch_size", 1, MAX_BATCH)
+        _check_device_name(self.device)
         nproc = self.distributed.nproc_per_node
         _check(
             self.batch_size % nproc == 0,
@@ -192,18 +249,34 @@ class FinetuneParams:
             or (self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size == 0),
             "micro_batch_size must divide batch_size (or be null: no accumulation)",
         )
-        _check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        _check_int(self.warmup_steps, "warmup_steps", 0, MAX_STEPS)
+        _check(
+            self.max_steps is None or self.warmup_steps <= self.max_steps,
+            f"warmup_steps ({self.warmup_steps}) must be at most max_steps ({self.max_steps})",
+        )
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or null")
         _check(self.lr > 0, "lr must be > 0")
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
-        _check(self.max_length > 1, "max_length must be > 1")
+        _check_int(self.max_length, "max_length", 2, 1 << 20, " (cut to the model's context)")
         _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
-        _check(self.eval_every > 0, "eval_every must be > 0")
-        _check(self.eval_batches > 0, "eval_batches must be > 0")
-        _check(self.max_steps is None or self.max_steps > 0, "max_steps must be > 0 or null")
-        _check(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: epoch ends only)")
-        _check(self.threads is None or self.threads > 0, "threads must be > 0 or null")
+        _check_int(self.eval_every, "eval_every", 1, MAX_STEPS)
+        _check_int(self.eval_batches, "eval_batches", 1, 10_000)
+        if self.max_steps is not None:
+            _check_int(self.max_steps, "max_steps", 1, MAX_STEPS, " or null")
+        _check_int(self.checkpoint_every, "checkpoint_every", 0, MAX_STEPS, " (0: epoch ends)")
+        if self.threads is not None:
+            _check_int(self.threads, "threads", 1, 1024, " or null")
+        if nproc > 1:
+            _check(
+                not self.device.startswith("cuda:"),
+                f"device {self.device!r} pins one GPU for every rank; with "
+                "distributed.nproc_per_node > 1 use auto or cuda (each rank takes its own)",
+            )
+            _check(
+                self.distributed.backend != "nccl" or self.device != "cpu",
+                "distributed.backend nccl needs CUDA, but device is cpu (use gloo or auto)",
+            )
 
 
 @dataclass(frozen=True)
@@ -217,17 +290,35 @@ class GenerateParams:
     top_p: float | None = None
     seed: int = 123
     response_header_in_prompt: bool = False
+    # data.RESPONSE_EXTRACTIONS; "reference": the reference's replace-all of the header
+    response_extraction: Literal["reference", "leading"] = "reference"
     limit: int | None = None
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens > 0, "max_new_tokens must be > 0")
-        _check(self.batch_size > 0, "batch_size must be > 0")
+        _check_int(
+            self.max_new_tokens, "max_new_tokens", 1, MAX_CONTEXT - 1, " (below the context)"
+        )
+        _check_int(self.batch_size, "batch_size", 1, MAX_BATCH)
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None:
+            _check(self.top_k >= 1, f"top_k must be >= 1 or null, got {self.top_k}")
+        if self.top_p is not None:
+            _check(0 < self.top_p <= 1, f"top_p must be in (0, 1] or null, got {self.top_p}")
+        _check_seed(self.seed)
         _check(self.limit is None or self.limit > 0, "limit must be > 0 or null")
+        _check_device_name(self.device)
 
 
 @dataclass(frozen=True)
 class JudgeParams:
+    """The optional LLM judge of the evaluate stage (``gpt2_instruct.judge``).
+
+    ``timeout`` bounds each whole request, ``deadline_s`` the whole run. Checked here,
+    before any stage work, by the judge's own rules (URL scheme and host, limits, template
+    fields, API key variable name), so a bad judge setting fails every stage at once.
+    """
+
     backend: Literal["none", "ollama", "openai"] = "none"
     model: str = "llama3"
     url: str | None = None
@@ -235,6 +326,17 @@ class JudgeParams:
     retries: int = 2
     template: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    deadline_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        # Lazily: judge.py (~50 ms with requests) holds the one copy of these rules and its
+        # JudgeConfig takes exactly these fields; params.py stays importable without it.
+        from gpt2_instruct.judge import JudgeConfig
+
+        try:
+            JudgeConfig.from_dict(dataclasses.asdict(self))
+        except ValueError as err:
+            raise _CheckFailed(str(err).removeprefix("judge ")) from None
 
 
 @dataclass(frozen=True)
@@ -244,7 +346,8 @@ class EvaluateParams:
     judge: JudgeParams = field(default_factory=JudgeParams)
 
     def __post_init__(self) -> None:
-        _check(self.batch_size > 0, "batch_size must be > 0")
+        _check_int(self.batch_size, "batch_size", 1, MAX_BATCH)
+        _check_device_name(self.device)
 
 
 @dataclass(frozen=True)
@@ -257,6 +360,39 @@ class Params:
     generate: GenerateParams = field(default_factory=GenerateParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
+    def __post_init__(self) -> None:
+        """Limits across sections: the model's shape (when known here) and the devices."""
+        fetch = self.fetch_gpt2
+        shape = {"hub": GPT2_CONFIGS[fetch.model], "random": fetch.random}.get(fetch.source)
+        if shape is not None:  # a local model is checked when finetune and generate load it
+            hub = fetch.source == "hub"
+            what = f"fetch_gpt2.model {fetch.model}" if hub else "fetch_gpt2.random"
+            context = shape.context_length
+            _check(
+                self.generate.max_new_tokens < context,
+                f"generate.max_new_tokens ({self.generate.max_new_tokens}) must be below the "
+                f"context length of {what} ({context})",
+            )
+            rank, width = self.finetune.lora.rank, shape.n_embd
+            _check(
+                rank <= width,
+                f"finetune.lora.rank ({rank}) must be at most the width (n_embd {width}) of "
+                f"{what}: a higher rank adds parameters, not capacity",
+            )
+        for section in ("finetune", "generate", "evaluate"):
+            name = getattr(self, section).device
+            problem = device_problem(name)
+            _check(problem is None, f"{section}.device: {name!r}: {problem}")
+        finetune = self.finetune
+        nproc = finetune.distributed.nproc_per_node
+        if nproc > 1 and finetune.device in ("auto", "cuda") and torch.cuda.is_available():
+            count = torch.cuda.device_count()
+            _check(
+                nproc <= count,
+                f"finetune.distributed.nproc_per_node ({nproc}) is more than the {count} "
+                "CUDA device(s) of this machine",
+            )
+
 
 class _CheckFailed(ValueError):
     pass
@@ -267,31 +403,87 @@ def _check(ok: bool, message: str) -> None:
         raise _CheckFailed(message)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 60, 40, 60
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for a message, never longer than ``limit`` (nor slow on huge values)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_int(value: int, name: str, low: int, high: int, note: str = "") -> None:
+    """``low <= value <= high``, else a message naming the key and the allowed range."""
+    _check(low <= value <= high, f"{name} must be in {low}..{high}{note}, got {value}")
+
+
+def _check_seed(value: int, name: str = "seed") -> None:
+    _check_int(value, name, 0, MAX_SEED)
+
+
+def _check_device_name(value: str, name: str = "device") -> None:
+    _check(
+        DEVICE_PATTERN.fullmatch(value) is not None,
+        f"{name} must be auto, cpu, cuda, cuda:N or mps, got {_short(value)}",
+    )
+
+
+def device_problem(name: str) -> str | None:
+    """Why the torch device ``name`` (already well-formed) cannot be used here, or None."""
+    if name in ("auto", "cpu"):
+        return None
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            return "the MPS backend is not available on this machine"
+        return None
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine (torch.cuda.is_available() is false)"
+    index = name.partition(":")[2]
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        return f"this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}"
+    return None
+
+
 T = TypeVar("T")
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against a type hint; ints are accepted for floats."""
+    """Check ``value`` against a type hint; ints are accepted for floats.
+
+    Floats must be finite, ints fit 64 bits, strings hold no NUL; values quoted in a
+    message are cut short (``_short``).
+    """
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
-        for option in typing.get_args(hint):
-            if option is type(None):
-                continue
+        options = [option for option in typing.get_args(hint) if option is not type(None)]
+        if len(options) == 1:  # X | None: X's own message says what is wrong
+            try:
+                return _coerce(value, options[0], where)
+            except ParamsError as err:
+                raise ParamsError(f"{err} (or null)") from None
+        for option in options:
             try:
                 return _coerce(value, option, where)
             except ParamsError:
                 continue
-        raise ParamsError(f"{where}: {value!r} does not match {hint}")
+        raise ParamsError(f"{where}: {_short(value)} does not match {hint}")
     if origin is tuple:  # tuple[X, ...]: a YAML list
         if not isinstance(value, list | tuple):
-            raise ParamsError(f"{where}: expected a list, got {value!r}")
+            raise ParamsError(f"{where}: expected a list, got {_short(value)}")
+        if len(value) > MAX_LIST_ITEMS:
+            raise ParamsError(f"{where}: at most {MAX_LIST_ITEMS} items, got {len(value)}")
         item = typing.get_args(hint)[0]
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise ParamsError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
+        if isinstance(value, list | dict) or value not in typing.get_args(hint):
+            raise ParamsError(
+                f"{where}: {_short(value)} is not one of {list(typing.get_args(hint))}"
+            )
         return value
     if dataclasses.is_dataclass(hint):
         if value is None:  # a section whose keys are all commented out: the defaults
@@ -301,24 +493,37 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return _build(hint, value, where)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ParamsError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ParamsError(f"{where}: expected an integer, got {value!r}")
+            raise ParamsError(f"{where}: expected a number, got {_short(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):
+            raise ParamsError(f"{where}: expected a finite number, got {_short(value)}")
+        return number
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{where}: expected an integer, got {_short(value)}")
+        if not -MAX_INT <= value <= MAX_INT:
+            raise ParamsError(f"{where}: {_short(value)} is out of range (a 64-bit integer)")
     if hint is bool and not isinstance(value, bool):
-        raise ParamsError(f"{where}: expected true or false, got {value!r}")
-    if hint is str and not isinstance(value, str):
-        raise ParamsError(f"{where}: expected a string, got {value!r}")
+        raise ParamsError(f"{where}: expected true or false, got {_short(value)}")
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{where}: expected a string, got {_short(value)}")
+        if "\0" in value:
+            raise ParamsError(f"{where}: contains a NUL character: {_short(value)}")
     return value
 
 
 def _build(cls: type[T], raw: dict[str, Any], where: str) -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(map(str, set(raw) - names))
+    unknown = sorted(_short(key, 40) for key in raw if key not in names)
     if unknown:
+        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if unknown[10:] else "")
         raise ParamsError(
-            f"{where or 'top level'}: unknown key(s) {unknown}; valid keys: {sorted(names)}"
+            f"{where or 'top level'}: unknown key(s) [{shown}]; valid keys: {sorted(names)}"
         )
     values = {
         key: _coerce(value, hints[key], f"{where}.{key}" if where else key)
@@ -327,21 +532,86 @@ def _build(cls: type[T], raw: dict[str, Any], where: str) -> T:
     try:
         return cls(**values)
     except _CheckFailed as err:
-        raise ParamsError(f"{where}: {err}") from None
+        raise ParamsError(f"{where}: {err}" if where else str(err)) from None
+
+
+def _check_yaml_size(text: str, path: Path) -> None:
+    """Reject deep nesting and alias bombs from the parser's events, before building anything.
+
+    Each anchor's expanded size is remembered, so an alias costs what it expands to
+    without being expanded: a 1 KB file of nine levels of nine aliases fails at once.
+    """
+    sizes: dict[str, int] = {}  # anchor: values it stands for, aliases expanded
+    stack: list[list[Any]] = []  # open collections: [anchor, values so far]
+    for event in YAML(typ="safe", pure=True).parse(text):
+        if isinstance(event, CollectionStartEvent):
+            stack.append([event.anchor, 1])
+            if len(stack) > MAX_YAML_DEPTH:
+                raise ParamsError(f"{path}: nested more than {MAX_YAML_DEPTH} levels deep")
+            continue
+        if isinstance(event, CollectionEndEvent):
+            anchor, count = stack.pop()
+        elif isinstance(event, AliasEvent):
+            anchor, count = None, sizes.get(event.anchor, 1)  # unknown: load() reports it
+        elif isinstance(event, ScalarEvent):
+            anchor, count = event.anchor, 1
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = count
+        if stack:
+            stack[-1][1] += count
+        if count > MAX_YAML_VALUES or (stack and stack[-1][1] > MAX_YAML_VALUES):
+            raise ParamsError(
+                f"{path}: more than {MAX_YAML_VALUES:,} values once YAML aliases are "
+                "expanded (an alias bomb?); write the values out instead"
+            )
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed file, or a one-line ParamsError (never a traceback, never a hang)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError as err:
+        raise ParamsError(f"{path}: not found (run from the repository root)") from err
+    except OSError as err:
+        raise ParamsError(f"{path}: cannot read ({err.strerror or err})") from err
+    if len(data) > MAX_FILE_BYTES:
+        raise ParamsError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes: not a params file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ParamsError(
+            f"{path}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+    try:
+        _check_yaml_size(text, path)
+        # YAML 1.2, as DVC writes params (`dvc exp run -S finetune.lr=5e-5` saves 5e-05,
+        # which a YAML 1.1 reader such as PyYAML would hand back as a string).
+        with warnings.catch_warnings():  # ruamel warns (several lines) of a reused anchor
+            warnings.simplefilter("ignore")
+            return YAML(typ="safe", pure=True).load(text)
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply") from None
+    except (YAMLError, ValueError, TypeError, LookupError, AttributeError) as err:
+        if isinstance(err, ParamsError):  # from _check_yaml_size
+            raise
+        # YAMLError, or what ruamel's constructors raise on values they cannot build: an int
+        # over 4300 digits, month 13, an empty !!float (IndexError)
+        problem = " ".join(str(err).split()) or type(err).__name__  # one line
+        problem = problem.split(" To suppress this check")[0]  # ruamel's duplicate-key hint
+        if len(problem) > 300:
+            problem = problem[:300] + "..."
+        raise ParamsError(f"{path}: not valid YAML ({problem})") from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate the whole params file."""
+    """Read and validate the whole params file: every section, then the limits across them."""
     path = Path(path)
-    try:
-        # YAML 1.2, as DVC writes params (`dvc exp run -S finetune.lr=5e-5` saves 5e-05,
-        # which a YAML 1.1 reader such as PyYAML would hand back as a string).
-        raw = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError as err:
-        raise ParamsError(f"{path}: not found (run from the repository root)") from err
-    except YAMLError as err:
-        problem = " ".join(str(err).split())  # PyYAML's message spans lines; keep one
-        raise ParamsError(f"{path}: not valid YAML ({problem})") from err
+    raw = _read_yaml(path)
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections")
     try:

@@ -31,18 +31,16 @@ import torch
 from torch.utils.serialization import config as torch_serialization_config
 from tqdm import tqdm
 
-from gpt2_instruct import distributed
+from gpt2_instruct import distributed, fingerprint
 from gpt2_instruct.batching import BatchOrder, TokenizedSplit, collate
 from gpt2_instruct.distributed import World
 from gpt2_instruct.io import atomic_path
 from gpt2_instruct.lora import apply_lora, has_lora, merge_lora, trainable_parameters
 from gpt2_instruct.model import IGNORE_INDEX, GPTModel
 from gpt2_instruct.optim import allocate_moments, apply_lr, build_optimizer, lr_at
-from gpt2_instruct.params import FinetuneParams
+from gpt2_instruct.params import FinetuneParams, ParamsError
 
 CHECKPOINT_NAME = "last.pt"
-# Params that do not change what is learned: a checkpoint resumes whatever they are.
-_SAME_LEARNING = ("distributed", "optimizer_in_backward")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -90,6 +88,22 @@ def autocast(
     return contextlib.nullcontext()
 
 
+def _set_head_layout(model: GPTModel, *, tie_embeddings: bool) -> None:
+    """The output head ``finetune.tie_embeddings`` asks for.
+
+    ``False`` (the reference): a tied model gets a separate head copied from the token
+    embedding (``GPTModel.untie_embeddings``). ``True`` keeps GPT-2's tied head; a base
+    model that already has a separate head is refused, since tying would discard it.
+    """
+    if not tie_embeddings:
+        model.untie_embeddings()
+    elif not model.config.tie_embeddings:
+        raise ParamsError(
+            "finetune.tie_embeddings is true but the base model has a separate output head "
+            "(lm_head.weight); tying would discard it: set finetune.tie_embeddings: false"
+        )
+
+
 class Trainer:
     """Runs the recipe in ``FinetuneParams`` on a model and tokenized splits."""
 
@@ -106,11 +120,16 @@ class Trainer:
         on_log: Callable[[dict[str, float]], None] | None = None,
         progress: bool = True,
         world: World | None = None,
+        inputs: dict[str, Any] | None = None,
     ) -> None:
+        """``inputs``: what identifies the data and the base model (content hashes, prompt
+        style, pad id); with the model's config and the learning params they make the
+        fingerprint a checkpoint must match to be resumed (``gpt2_instruct.fingerprint``).
+        """
         self.params = params
         self.world = world or World()
         if params.batch_size % self.world.size:
-            raise ValueError(
+            raise ParamsError(
                 f"finetune.batch_size ({params.batch_size}) must be divisible by the number of "
                 f"processes ({self.world.size}): each rank trains on an equal share of a batch"
             )
@@ -120,6 +139,7 @@ class Trainer:
                 "(run under torchrun inside distributed.process_group)"
             )
         self.device = device or distributed.rank_device(params.device, self.world)
+        _set_head_layout(model, tie_embeddings=params.tie_embeddings)
         self.model = model.to(self.device)
         self.train_split, self.val_split = train, val
         self.pad_id = pad_id
@@ -129,7 +149,22 @@ class Trainer:
         self.order = BatchOrder(
             train.lengths, params.batch_size, seed=params.seed, mode=params.batch_order
         )
+        if len(self.order) == 0:
+            raise ParamsError(
+                f"finetune.batch_size ({params.batch_size}) is larger than the training split "
+                f"({len(train)} examples): no full batch to train on"
+            )
+        if params.warmup_steps > self.total_steps:  # max_steps: null; known only now
+            raise ParamsError(
+                f"finetune.warmup_steps ({params.warmup_steps}) exceeds the run's "
+                f"{self.total_steps} steps ({params.epochs} epochs of {len(self.order)} batches)"
+            )
         self._add_adapters(self.model)
+        self.fingerprint = {
+            "inputs": dict(inputs or {}),
+            "model": self.model.config.to_dict(),
+            "params": fingerprint.learning_params(params),
+        }
         self.trainable_parameters = trainable_parameters(self.model)
         # DDP: a wrapper all ranks train through, self.model stays the plain model.
         # FSDP: self.model itself is sharded in place (its parameters become DTensors).
@@ -289,7 +324,10 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "train_state": vars(self.state),
                 "params": dataclasses.asdict(self.params),
+                "fingerprint": self.fingerprint,
             }
+            if self.device.type == "cuda":  # dropout draws there
+                state["cuda_rng"] = torch.cuda.get_rng_state_all()
             # Without the zip's CRC-32s: torch.load never checks them, and computing them
             # (on one thread) made gpt2-medium's 4.3 GB take 11-17 s instead of 6.
             with (
@@ -312,7 +350,11 @@ class Trainer:
             (self.checkpoint_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
 
     def load_checkpoint(self) -> bool:
-        """Resume from the checkpoint if there is one for the same params; True if resumed.
+        """Resume from the checkpoint if it was made from the same inputs; True if resumed.
+
+        A checkpoint whose fingerprint differs from this run's (other data, base model,
+        model config or learning params), or that is past this run's last step, is
+        stale: one line says why, it is deleted and training starts from step 0.
 
         Every rank reads the file; under DDP they must all find the same step (a
         checkpoint directory that not every node shares would split the job).
@@ -337,15 +379,15 @@ class Trainer:
         # Sharded: every rank maps the full file and keeps its own shards of it.
         device = "cpu" if self.sharded else self.device
         state = torch.load(path, map_location=device, weights_only=True, mmap=self.sharded)
-        # How many processes trained does not change what is learned: resume under any.
-        saved = {k: v for k, v in state["params"].items() if k not in _SAME_LEARNING}
-        current = {
-            k: v for k, v in dataclasses.asdict(self.params).items() if k not in _SAME_LEARNING
-        }
-        if saved != current:
-            changed = sorted(k for k in current if saved.get(k) != current[k])
+        stale = self._stale_because(state)
+        if stale:
             if self.world.is_main:
-                print(f"{path}: params changed ({', '.join(changed)}); starting afresh")
+                print(f"{path}: {stale}; deleting it and starting from step 0", flush=True)
+            del state
+            if self.world.size > 1:  # every rank has read it before it goes
+                distributed.barrier(self.device)
+            if self.world.is_main:
+                path.unlink(missing_ok=True)
             return False
         if self.sharded:
             distributed.load_full_state(
@@ -355,9 +397,24 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.order.restore(state["order_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.state = TrainState(**state["train_state"])
         return True
+
+    def _stale_because(self, state: dict[str, Any]) -> str:
+        """Why a loaded checkpoint cannot be resumed by this run ("" if it can)."""
+        saved = state.get("fingerprint")
+        if not isinstance(saved, dict):
+            return "made without an input fingerprint (an older version)"
+        changed = fingerprint.changes(saved, self.fingerprint)
+        if changed:
+            return f"made from other inputs (changed: {', '.join(changed)})"
+        step = int(state["train_state"]["step"])
+        if step > self.total_steps:
+            return f"at step {step}, past this run's last step {self.total_steps}"
+        return ""
 
     # ---------------------------------------------------------------- the loop
     def _batches(self) -> Iterator[list[int]]:
@@ -566,7 +623,7 @@ class Trainer:
     def _plain_model(self, state: dict[str, torch.Tensor]) -> GPTModel:
         """An unsharded model (with this run's adapters, if any) holding ``state``."""
         with torch.device("meta"):
-            model = GPTModel(self.model.config)
+            model = GPTModel(self.model.config)  # untied too, if this run unties
         self._add_adapters(model)
         model.load_state_dict(state, assign=True)
         return model.to(self.device).train()

@@ -2,14 +2,15 @@
 
 The Hub's GPT-2 checkpoints use OpenAI's ``Conv1D`` layers, which store weights
 as ``[in, out]`` (the transpose of ``nn.Linear``), fuse q/k/v into ``c_attn``
-and tie ``lm_head`` to ``wte``. Weights are read with safetensors only: nothing
-downloaded is ever unpickled.
+and tie ``lm_head`` to ``wte``. A model fine-tuned with its own output head (the
+reference's layout) is written as Hugging Face writes an untied GPT-2:
+``tie_word_embeddings: false`` in ``config.json`` and an ``lm_head.weight``.
+Weights are read with safetensors only: nothing downloaded is ever unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from safetensors.torch import save_file
 
 from gpt2_instruct.io import atomic_path, write_json
 from gpt2_instruct.model import GPTConfig, GPTModel
+from gpt2_instruct.safe_json import JSONError, read_json
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+MAX_CONFIG_BYTES = 1024 * 1024  # a GPT-2 config.json is under 1 KB
 CONFIG_KEY = "gpt2_instruct"
 """Key in ``config.json`` under which training records how the model was fine-tuned."""
 
@@ -70,21 +73,35 @@ def config_from_hf(hf: dict[str, Any], source: str = CONFIG_NAME) -> GPTConfig:
     activation = hf.get("activation_function", "gelu_new")
     if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
         raise WeightsError(f"{source}: activation_function {activation!r} is not GPT-2's tanh GELU")
+    tied = hf.get("tie_word_embeddings", True)  # Hugging Face's default
+    if not isinstance(tied, bool):
+        raise WeightsError(f"{source}: tie_word_embeddings must be true or false, got {tied!r}")
     n_inner = hf.get("n_inner")
     if n_inner not in (None, 4 * hf.get("n_embd", 0)):
         raise WeightsError(f"{source}: n_inner={n_inner} is not 4 * n_embd")
+
+    def integer(key: str) -> int:
+        if key not in hf:
+            raise WeightsError(f"{source}: missing key {key!r}")
+        value = hf[key]
+        if type(value) is not int:  # not null, "8", 8.5 or true
+            raise WeightsError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if type(eps) not in (int, float) or not 0 < eps < 1:
+        raise WeightsError(f"{source}: layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+    fields = {"vocab_size": "vocab_size", "context_length": "n_positions", "n_embd": "n_embd"}
+    fields |= {"n_layer": "n_layer", "n_head": "n_head"}
     try:
         return GPTConfig(
-            vocab_size=int(hf["vocab_size"]),
-            context_length=int(hf["n_positions"]),
-            n_embd=int(hf["n_embd"]),
-            n_layer=int(hf["n_layer"]),
-            n_head=int(hf["n_head"]),
-            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            **{ours: integer(theirs) for ours, theirs in fields.items()},
+            layer_norm_eps=float(eps),
+            tie_embeddings=tied,
         )
-    except KeyError as err:
-        raise WeightsError(f"{source}: missing key {err.args[0]!r}") from err
     except ValueError as err:
+        if isinstance(err, WeightsError):
+            raise
         raise WeightsError(f"{source}: {err}") from err
 
 
@@ -108,19 +125,19 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
         "initializer_range": 0.02,
         "bos_token_id": config.vocab_size - 1,
         "eos_token_id": config.vocab_size - 1,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": "float32",
     }
 
 
 def read_config(model_dir: str | Path) -> GPTConfig:
     path = Path(model_dir) / CONFIG_NAME
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise WeightsError(f"{path}: not found") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WeightsError(f"{path}: not valid JSON ({err})") from err
+    if not path.is_file():
+        raise WeightsError(f"{path}: not found")
+    try:  # bounded: a config nested 100,000 deep or with 5000-digit numbers is one error
+        hf = read_json(path, max_bytes=MAX_CONFIG_BYTES, duplicates="error")
+    except JSONError as err:
+        raise WeightsError(str(err)) from err
     if not isinstance(hf, dict):
         raise WeightsError(f"{path}: expected a JSON object")
     return config_from_hf(hf, str(path))
@@ -146,23 +163,35 @@ def load_model(
     """Build a ``GPTModel`` from a directory with ``config.json`` + ``model.safetensors``.
 
     Every expected tensor must be present with exactly the expected shape; a
-    tensor we do not know is an error too, so a mismatched config never loads
-    silently. Every tensor is copied out of safetensors' memory map: a tensor left
-    as a view would keep the whole file mapped, and resident, beside the model
-    (gpt2-medium: 1.3 GB more RSS through all of fine-tuning).
+    tensor we do not know, or one stored under two names (``wte.weight`` and
+    ``transformer.wte.weight``), is an error too, so a mismatched config never loads
+    silently. With ``tie_word_embeddings: false`` the file must hold ``lm_head.weight``;
+    tied, an ``lm_head.weight`` it holds must equal ``wte.weight``. Every tensor is
+    copied out of safetensors' memory map: a tensor left as a view would keep the
+    whole file mapped, and resident, beside the model (gpt2-medium: 1.3 GB more RSS
+    through all of fine-tuning).
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     if dropout:
         config = GPTConfig(**{**config.to_dict(), "dropout": dropout})
     weights_path = model_dir / WEIGHTS_NAME
-    with torch.device("meta"):
-        model = GPTModel(config)
-    own_shapes = {name: p.shape for name, p in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     with _open_tensors(weights_path) as handle:
         # save_pretrained of GPT2LMHeadModel prefixes "transformer."; the Hub files do not.
-        stored = {k.removeprefix("transformer."): k for k in handle.keys()}  # noqa: SIM118 (no __iter__)
+        stored: dict[str, str] = {}
+        for key in handle.keys():  # noqa: SIM118 (no __iter__)
+            name = key.removeprefix("transformer.")
+            if name in stored:
+                raise WeightsError(
+                    f"{weights_path}: tensor {name!r} is stored twice ({stored[name]!r} and "
+                    f"{key!r}); which one is meant is ambiguous"
+                )
+            stored[name] = key
+        _check_layer_count(stored, config.n_layer, weights_path)
+        with torch.device("meta"):  # shapes only, no memory
+            model = GPTModel(config)
+        own_shapes = {name: p.shape for name, p in model.state_dict().items()}
         head_key = stored.pop("lm_head.weight", None)
         for ours, (theirs, transpose) in _key_map(config.n_layer).items():
             if theirs not in stored:
@@ -179,23 +208,74 @@ def load_model(
             state[ours] = (tensor.t() if transpose else tensor).to(
                 dtype=dtype, memory_format=torch.contiguous_format, copy=True
             )  # our own memory, so the mapping goes when the file closes
+            _check_finite(state[ours], theirs, weights_path)
         unknown = [k for k in stored if not k.endswith(_IGNORED_SUFFIXES)]
         if unknown:
             raise WeightsError(f"{weights_path}: unexpected tensors {sorted(unknown)[:5]}")
-        if head_key is not None:
+        if not config.tie_embeddings:
+            state["out_head.weight"] = _read_head(handle, head_key, own_shapes, weights_path, dtype)
+            _check_finite(state["out_head.weight"], "lm_head.weight", weights_path)
+        elif head_key is not None:
             head = handle.get_tensor(head_key)
             if not torch.equal(head, state["tok_emb.weight"].to(head.dtype)):
-                raise WeightsError(f"{weights_path}: lm_head.weight is not tied to wte.weight")
+                raise WeightsError(
+                    f"{weights_path}: lm_head.weight is not tied to wte.weight, but "
+                    f"{model_dir / CONFIG_NAME} says tie_word_embeddings: true"
+                )
             del head
     model.load_state_dict(state, assign=True)
     return model
 
 
+def _check_finite(tensor: torch.Tensor, name: str, weights_path: Path) -> None:
+    """A NaN or infinite weight makes every answer garbage while each stage exits 0;
+    one pass over the weights (a fraction of a second for gpt2-medium) catches it."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise WeightsError(f"{weights_path}: tensor {name!r} holds NaN or infinite values")
+
+
+def _check_layer_count(stored: dict[str, str], n_layer: int, weights_path: Path) -> None:
+    """A file with fewer blocks than ``n_layer`` fails before any per-layer work, so a
+    config that claims a billion layers fails at once (extra blocks are unexpected
+    tensors, named later)."""
+    found = len({name.split(".")[1] for name in stored if name.startswith("h.")})
+    if found < n_layer:
+        raise WeightsError(
+            f"{weights_path}: holds {found} transformer blocks, but config.json says "
+            f"n_layer={n_layer}"
+        )
+
+
+def _read_head(
+    handle: Any,
+    head_key: str | None,
+    own_shapes: dict[str, torch.Size],
+    weights_path: Path,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """An untied model's ``lm_head.weight``, checked and copied into our own memory."""
+    if head_key is None:
+        raise WeightsError(
+            f"{weights_path}: missing tensor 'lm_head.weight' (config.json says "
+            "tie_word_embeddings: false)"
+        )
+    shape = tuple(handle.get_slice(head_key).get_shape())
+    want = tuple(own_shapes["out_head.weight"])
+    if shape != want:
+        raise WeightsError(
+            f"{weights_path}: tensor 'lm_head.weight' has shape {shape}, expected {want}"
+        )
+    return handle.get_tensor(head_key).to(
+        dtype=dtype, memory_format=torch.contiguous_format, copy=True
+    )
+
+
 def save_model(model: GPTModel, model_dir: str | Path, *, extra_config: dict | None = None) -> None:
     """Write ``model.safetensors`` + ``config.json`` in Hugging Face GPT-2 layout.
 
-    ``lm_head`` is left out because it is tied to ``wte``, exactly as
-    ``save_pretrained`` does; files are replaced atomically.
+    A tied head is left out, as ``save_pretrained`` leaves it out; a separate head is
+    written as ``lm_head.weight`` with ``tie_word_embeddings: false``. Files are
+    replaced atomically.
     """
     model_dir = Path(model_dir)
     state = model.state_dict()
@@ -206,6 +286,9 @@ def save_model(model: GPTModel, model_dir: str | Path, *, extra_config: dict | N
         .contiguous()
         for ours, (theirs, transpose) in _key_map(model.config.n_layer).items()
     }
+    if not model.config.tie_embeddings:
+        head = state["out_head.weight"].detach().to("cpu", torch.float32).contiguous()
+        tensors["lm_head.weight"] = head
     with atomic_path(model_dir / WEIGHTS_NAME) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     config = config_to_hf(model.config)

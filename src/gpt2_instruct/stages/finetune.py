@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,10 @@ import torch
 from dvclive import Live
 
 from gpt2_instruct import distributed, plots
-from gpt2_instruct.batching import TokenizedSplit
-from gpt2_instruct.io import atomic_dir, atomic_open, write_json
-from gpt2_instruct.params import FinetuneParams, to_dict
+from gpt2_instruct.batching import TokenizedSplit, read_meta
+from gpt2_instruct.fingerprint import digest_dir
+from gpt2_instruct.io import atomic_dir, atomic_open, sha256_file, write_json
+from gpt2_instruct.params import FinetuneParams, ParamsError, to_dict
 from gpt2_instruct.stages import log
 from gpt2_instruct.tokenizer import ENCODER_JSON, VOCAB_BPE
 from gpt2_instruct.training import Trainer
@@ -71,12 +71,29 @@ def finetune(
     batch; rank 0 alone logs and writes, the others return an empty report.
     """
     _configure_threads(params.threads)
-    meta = json.loads((tokenized / "meta.json").read_text(encoding="utf-8"))
-    train = TokenizedSplit.load(tokenized / "train.safetensors")
-    val = TokenizedSplit.load(tokenized / "val.safetensors")
+    meta = read_meta(tokenized / "meta.json")
+    train = TokenizedSplit.load(tokenized / "train.safetensors", vocab_size=meta["vocab_size"])
+    val = TokenizedSplit.load(tokenized / "val.safetensors", vocab_size=meta["vocab_size"])
     model = load_model(base_model, dropout=params.dropout)
     if model.config.vocab_size < meta["vocab_size"]:
         raise WeightsError(f"{base_model}: vocabulary smaller than the tokenizer's")
+    if params.lora.rank > model.config.n_embd:  # params.py checks it for hub/random models
+        raise ParamsError(
+            f"finetune.lora.rank ({params.lora.rank}) must be at most the width of the base "
+            f"model in {base_model} (n_embd {model.config.n_embd})"
+        )
+    if params.tie_embeddings and not model.config.tie_embeddings:
+        raise WeightsError(
+            f"{base_model}: has a separate output head (lm_head.weight), but "
+            "finetune.tie_embeddings is true and tying would discard it; set it to false"
+        )
+    inputs = {  # what, beside the params, decides the weights learned (resume binds to it)
+        "train_data": sha256_file(tokenized / "train.safetensors"),
+        "val_data": sha256_file(tokenized / "val.safetensors"),
+        "prompt_style": meta["prompt_style"],
+        "pad_id": meta["eot_id"],
+        "base_model": digest_dir(base_model),
+    }
     max_length = min(params.max_length, model.config.context_length)
     if max_length != params.max_length:
         params = dataclasses.replace(params, max_length=max_length)
@@ -90,6 +107,7 @@ def finetune(
             pad_id=meta["eot_id"],
             checkpoint_dir=checkpoints,
             world=world,
+            inputs=inputs,
         )
         if world.is_main:
             checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
