@@ -14,11 +14,13 @@ from hypothesis import strategies as st
 from gpt2_instruct.data import (
     PROMPT_STYLES,
     DataError,
+    DataWarning,
     Entry,
     extract_response,
     find_duplicates,
     format_example,
     format_prompt,
+    is_blank,
     load_entries,
     overlap,
     split_entries,
@@ -255,20 +257,34 @@ def test_unknown_style(func: Any) -> None:
         assert repr(style) in str(info.value)
 
 
+@pytest.mark.parametrize("mode", ["reference", "leading"])
 @pytest.mark.parametrize(
     ("generated", "style", "expected"),
     [
         ("The answer.\n", "alpaca", "The answer."),
         ("\n\n### Response:\n  The answer. \n", "alpaca", "The answer."),
         ("### Response:The answer.", "alpaca", "The answer."),
-        ("The answer.\n### Response: kept", "alpaca", "The answer.\n### Response: kept"),
         ("  The answer.  ", "phi3", "The answer."),
         ("<|assistant|>\nThe answer.", "phi3", "The answer."),
         ("\n\n", "alpaca", ""),
     ],
 )
-def test_extract_response(generated: str, style: str, expected: str) -> None:
-    assert extract_response(generated, style) == expected
+def test_extract_response(generated: str, style: str, mode: str, expected: str) -> None:
+    assert extract_response(generated, style, mode) == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("reference", "The answer.\n kept"),  # the default: every header goes
+        ("leading", "The answer.\n### Response: kept"),
+    ],
+)
+def test_extract_response_mid_answer_header(mode: str, expected: str) -> None:
+    generated = "The answer.\n### Response: kept"
+    assert extract_response(generated, "alpaca", mode) == expected
+    if mode == "reference":
+        assert extract_response(generated) == expected
 
 
 def test_extract_response_matches_reference_on_continuation() -> None:
@@ -353,7 +369,7 @@ def test_find_duplicates_and_overlap() -> None:
 
 # --- properties ----------------------------------------------------------------------------
 
-nonblank = st.text(min_size=1).filter(lambda s: s.strip() != "")
+nonblank = st.text(min_size=1).filter(lambda s: not is_blank(s))
 raw_entry = st.fixed_dictionaries(
     {"instruction": nonblank, "output": nonblank},
     optional={"input": st.one_of(st.none(), st.text()), "extra": st.integers()},
@@ -391,3 +407,166 @@ def test_split_sizes_sum_to_input(n: int, train: float, test: float, shuffle: bo
     assert len(split.train) + len(split.val) + len(split.test) == n
     assert len(split.train) == int(n * train) and len(split.test) == int(n * test)
     assert min(split.sizes().values()) > 0
+
+
+# --- hostile input: limits, suspicious keys, invisible text (issue 22) ---------------------
+
+
+def load_error(tmp_path: Path, text: str) -> str:
+    path = write_raw(tmp_path, text)
+    with pytest.raises(DataError) as info:
+        load_entries(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert len(message) < 400
+    return message
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[" * 100_000 + "]" * 100_000, ["nested more than 100 levels", "line 1, column 101"]),
+        ('{"a":' * 5000 + "1" + "}" * 5000, ["nested more than 100 levels"]),
+        (json.dumps([GOOD])[:-1] + ', {"id": ' + "7" * 5000 + "}]", ["number of 5000"]),
+        ("[" + "-" + "1" * 200 + "]", ["number of 201 characters"]),
+        ('[{"instruction": "a", "output": "b", "x": 1e999}]', ["out of range"]),
+        ('[{"instruction": "a", "output": "b", "x": NaN}]', ["NaN is not valid JSON"]),
+        ('[{"instruction": "a", "output": "b", "x": -Infinity}]', ["-Infinity is not valid"]),
+    ],
+    ids=["deep-lists", "deep-objects", "5000-digits", "long-number", "1e999", "NaN", "-inf"],
+)
+def test_reader_limits_are_one_clear_error(tmp_path: Path, text: str, words: list[str]) -> None:
+    message = load_error(tmp_path, text)
+    for word in words:
+        assert word in message
+
+
+def test_deep_nesting_inside_a_string_is_text(tmp_path: Path) -> None:
+    deep = "[" * 5000 + '\\"{' * 100
+    path = write_list(tmp_path, [{**GOOD, "output": deep}])
+    assert load_entries(path)[0].output == deep
+
+
+def test_reader_size_limit_and_unreadable_paths(tmp_path: Path) -> None:
+    from gpt2_instruct.safe_json import JSONError, read_json
+
+    path = write_list(tmp_path, [GOOD])
+    with pytest.raises(JSONError, match=r"larger than the limit of 10 bytes"):
+        read_json(path, max_bytes=10)
+    with pytest.raises(DataError, match="cannot read file"):
+        load_entries(tmp_path)  # a directory
+
+
+@pytest.mark.parametrize("field", ["instruction", "input", "output"])
+def test_duplicate_field_with_different_values_is_an_error(tmp_path: Path, field: str) -> None:
+    entry = '{"instruction": "a", "input": "i", "output": "b", "FIELD": "other"}'
+    message = load_error(tmp_path, f"[{json.dumps(GOOD)}, {entry.replace('FIELD', field)}]")
+    assert f"entry 1: field '{field}' appears more than once with different values" in message
+
+
+def test_harmless_duplicate_keys_are_warnings(tmp_path: Path) -> None:
+    text = (
+        '[{"instruction": "a", "output": "b", "output": "b"},'
+        ' {"instruction": "a", "output": "b", "id": 1, "id": 2}]'
+    )
+    warnings: list[DataWarning] = []
+    entries = load_entries(write_raw(tmp_path, text), warnings)
+    assert entries == [Entry("a", "", "b")] * 2
+    assert [w.kind for w in warnings] == ["duplicate_key", "duplicate_key"]
+    assert "entry 0: field 'output' repeated with the same value" in str(warnings[0])
+    assert "entry 1: field 'id' repeated with different values" in str(warnings[1])
+    assert load_entries(write_raw(tmp_path, text)) == entries  # no list: no warnings kept
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("Input", "input"),
+        ("INSTRUCTION", "instruction"),
+        (" output", "output"),
+        ("output\t", "output"),
+        ("in_put", "input"),
+        ("Out-put", "output"),
+        ("inupt", "input"),  # swapped letters
+        ("instrution", "instruction"),  # a letter missing
+        ("outputs", "output"),  # one too many
+        ("input\u200b", "input"),  # a zero-width space
+    ],
+)
+def test_near_miss_key_is_an_error_naming_key_and_field(
+    tmp_path: Path, key: str, expected: str
+) -> None:
+    item = {"instruction": "a", "output": "b", key: "text that would be lost"}
+    message = load_error(tmp_path, json.dumps([GOOD, item]))
+    assert f"entry 1: field {key!r} looks like a misspelt {expected!r}" in message
+
+
+@pytest.mark.parametrize("key", ["id", "text", "extra", "category", "system", "history", "in"])
+def test_other_extra_keys_are_still_ignored(tmp_path: Path, key: str) -> None:
+    assert load_entries(write_list(tmp_path, [{**GOOD, key: "x"}])) == [Entry("Say hi.", "", "hi")]
+
+
+BLANKS = ["\x01\x02", "\x00", "\u200b", "\u200b\u200b \n", "\ufeff", "\u2800", "\u3164", "\u00ad"]
+
+
+@pytest.mark.parametrize("field", ["instruction", "output"])
+@pytest.mark.parametrize("blank", BLANKS)
+def test_invisible_instruction_or_output_is_an_error(
+    tmp_path: Path, field: str, blank: str
+) -> None:
+    message = load_error(tmp_path, json.dumps([{**GOOD, field: blank}]))
+    assert f"entry 0: field '{field}' must be a non-empty string" in message
+    assert "invisible" in message or "whitespace-only" in message
+
+
+@pytest.mark.parametrize("blank", ["  ", *BLANKS])
+def test_invisible_input_is_a_warning_and_kept(tmp_path: Path, blank: str) -> None:
+    warnings: list[DataWarning] = []
+    entries = load_entries(write_list(tmp_path, [GOOD, {**GOOD, "input": blank}]), warnings)
+    assert entries[1].input == blank  # kept exactly as written
+    [warning] = warnings
+    assert warning.kind == "blank_input"
+    assert "entry 1: field 'input' is blank" in warning.message
+
+
+def test_visible_text_with_invisible_characters_is_fine() -> None:
+    assert not is_blank("a\u200b") and not is_blank("\x01x") and not is_blank("日本")
+    assert is_blank("") and is_blank(" \t\u200b\u2060\x7f")
+
+
+JSON_FRAGMENTS = [
+    *["[", "]", "{", "}", ",", ":", '"', "\\", "1", "-", "1e999", "NaN", "null", "true"],
+    *['"instruction"', '"input"', '"output"', '"Input"', '"a"', '""'],
+    *['"\\u200b"', '"\\ud800"', '"\\u0001"', "9" * 60, " ", "\n"],
+]
+JSONISH = st.lists(st.sampled_from(JSON_FRAGMENTS) | st.text(max_size=3), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=JSONISH, prefix=st.binary(max_size=4))
+def test_any_jsonish_text_raises_only_data_error(parts: list[str], prefix: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "data.json"
+        path.write_bytes(prefix + "".join(parts).encode("utf-8", "surrogatepass"))
+        try:
+            entries = load_entries(path, [])
+        except DataError as err:
+            assert "\n" not in str(err) and str(err).startswith(str(path))
+        else:
+            assert all(isinstance(entry, Entry) for entry in entries)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values)
+def test_any_parsed_value_raises_only_data_error(value: Any) -> None:
+    try:
+        validate_entries(value, "mem.json", [])
+    except DataError as err:
+        assert str(err).startswith("mem.json: ")

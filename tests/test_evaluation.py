@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,76 @@ def test_worst_entries() -> None:
         worst_entries(rows, 1, key="bleu")
     with pytest.raises(ValueError, match="k must be"):
         worst_entries(rows, -1)
+
+
+# --- the responses file: one clear line naming the file, the entry and the field -----------
+
+
+def _responses_error(tmp_path: Path, text: str) -> str:
+    from gpt2_instruct.data import DataError
+    from gpt2_instruct.evaluation import load_responses
+
+    path = tmp_path / "test.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_responses(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    return message
+
+
+GOOD_RESPONSE = '{"instruction": "i", "input": "", "output": "o", "model_response": "r"}'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"[{GOOD_RESPONSE}, {GOOD_RESPONSE}]"[:-30], "invalid JSON at line 1"),
+        (
+            f"[{GOOD_RESPONSE}, " + '{"output": "o", "model_response": null}]',
+            "entry 1: field 'model_response' must be a string, got null",
+        ),
+        (
+            f"[{GOOD_RESPONSE}, " + '{"output": "o"}]',
+            "entry 1: missing required field 'model_response'",
+        ),
+        ('[{"model_response": "r"}]', "entry 0: missing required field 'output'"),
+        ('[{"output": 3, "model_response": "r"}]', "entry 0: field 'output' must be a string"),
+        ('[{"output": "o", "model_response": "r", "input": 1}]', "string or null, got int"),
+        ('[{"output": "o", "model_response": "a", "model_response": "b"}]', "more than once"),
+        ('[{"output": "o", "model_response": "\\udc00"}]', "unpaired surrogate"),
+        ("[3]", "entry 0: must be a JSON object, got int"),
+        ("[]", "no entries"),
+        ('{"a": 1}', "top level must be a JSON list"),
+        ("[" * 1000 + "]" * 1000, "nested more than"),
+        ('[{"output": "o", "model_response": "r", "id": ' + "1" * 5000 + "}]", "number of 5000"),
+    ],
+    ids=[
+        "truncated",
+        "null-response",
+        "no-response",
+        "no-output",
+        "int-output",
+        "int-input",
+        "duplicate",
+        "surrogate",
+        "not-object",
+        "empty",
+        "not-list",
+        "deep",
+        "huge-int",
+    ],
+)
+def test_load_responses_names_file_entry_and_field(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    assert expected in _responses_error(tmp_path, text)
+
+
+def test_load_responses_accepts_what_generate_writes(tmp_path: Path) -> None:
+    from gpt2_instruct.evaluation import load_responses
+
+    path = tmp_path / "test.json"
+    entries = [entry("o", ""), {"output": "o", "model_response": "r", "input": None}]
+    path.write_text(json.dumps(entries), encoding="utf-8")
+    assert load_responses(path) == entries

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import dataclasses
 import json
+import math
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,12 +24,16 @@ from hypothesis import strategies as st
 from gpt2_instruct.judge import (
     DEFAULT_TEMPLATE,
     HISTOGRAM_BUCKETS,
+    REASONS,
     JudgeConfig,
+    JudgeError,
     build_prompt,
     format_input,
     judge_entries,
     parse_score,
 )
+from gpt2_instruct.params import EvaluateParams, JudgeParams, ParamsError, load_params
+from gpt2_instruct.stages import EXPECTED_ERRORS, run_stage
 
 # --- fake server ----------------------------------------------------------------------------
 
@@ -272,10 +281,89 @@ def test_config_defaults_and_validation() -> None:
         ({"num_ctx": 0}, "num_ctx"),
         ({"api_key_env": "MY KEY"}, "api_key_env"),
         ({"template": 3}, "template"),
+        ({"url": "http://:11434"}, "must name a host"),
+        ({"url": "http://localhost:99999"}, "not a valid URL"),
+        ({"url": "http://[::1"}, "not a valid URL"),
+        ({"url": "http://localhost:11434/?x=1"}, "query or fragment"),
+        ({"url": "http://local host"}, "blanks"),
+        ({"url": 11434}, "must be a string"),
+        ({"deadline_s": 0}, "deadline_s must be > 0"),
+        ({"deadline_s": float("inf")}, "finite"),
     ]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
             JudgeConfig(**{"backend": "ollama", **kwargs})
+
+
+def test_url_password_never_appears_in_messages() -> None:
+    with pytest.raises(ValueError, match=r"ftp://user:\*\*\*@host") as info:
+        JudgeConfig(backend="ollama", url="ftp://user:s3cret@host")
+    assert "s3cret" not in str(info.value)
+    url = f"http://user:s3cret@127.0.0.1:{free_port()}"
+    config = JudgeConfig(backend="ollama", url=url, retries=0)
+    rows, summary = judge_entries(make_entries(1), config)
+    assert "s3cret" not in summary["judge_error"] and "user:***@127.0.0.1" in summary["judge_error"]
+    assert "s3cret" not in rows[0]["error"]
+
+
+def test_judge_params_build_the_config_in_one_call() -> None:
+    """Every JudgeParams field is a JudgeConfig field with the same default (no drift)."""
+    params = JudgeParams()
+    config = JudgeConfig.from_dict(dataclasses.asdict(params))
+    for name, value in dataclasses.asdict(params).items():
+        assert getattr(config, name) == value, name
+    assert config.deadline_s == 1800.0
+
+
+@pytest.mark.parametrize(
+    ("setting", "key", "problem"),
+    [
+        ("url: ftp://localhost:11434", "url", "http(s) URL"),
+        ("url: 'http://:11434'", "url", "must name a host"),
+        ("url: 'http://localhost:99999'", "url", "not a valid URL"),
+        ("timeout: 0", "timeout", "must be > 0"),
+        ("timeout: .inf", "timeout", "finite"),
+        ("deadline_s: 0", "deadline_s", "must be > 0"),
+        ("deadline_s: .nan", "deadline_s", "finite"),
+        ("retries: -1", "retries", ">= 0"),
+        ("template: '{response} {foo}'", "template", "unknown field {foo}"),
+        ("template: 'no field at all'", "template", "must contain {response}"),
+        ("template: '{response:d}'", "template", "cannot be formatted"),
+        ("api_key_env: 'MY KEY'", "api_key_env", "environment variable"),
+        ("model: ' '", "model", "non-empty"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["ollama", "none"])
+def test_bad_judge_params_fail_in_params_validation(
+    tmp_path: Path, backend: str, setting: str, key: str, problem: str
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(f"evaluate:\n  judge:\n    backend: {backend}\n    {setting}\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    message = str(info.value)
+    # The key is named either by the judge's own check or by the generic type/range check.
+    assert message.startswith(
+        (f"{path}: evaluate.judge: {key} ", f"{path}: evaluate.judge.{key}: ")
+    ), message
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_bad_judge_params_stop_the_stage_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("evaluate:\n  judge:\n    backend: ollama\n    timeout: 0\n")
+    called = []
+    with pytest.raises(SystemExit) as info:
+        run_stage("test", {}, lambda params, paths: called.append(1), ["--params", str(path)])
+    assert info.value.code == 1
+    assert called == []
+    assert (
+        capsys.readouterr().err == f"error: {path}: evaluate.judge: timeout must be > 0 "
+        "seconds, got 0.0\n"
+    )
 
 
 def test_config_from_dict() -> None:
@@ -306,12 +394,12 @@ def test_bad_entries_raise_before_any_request(server: FakeServer) -> None:
 
 
 def test_ollama_request_and_scores(server: FakeServer) -> None:
-    server.script = [("reply", "85"), ("reply", "Score: 40."), ("reply", "100")]
+    server.script = [("reply", "85"), ("reply", " 40.\n"), ("reply", "100")]
     rows, summary = judge_entries(make_entries(3), ollama(server, model="llama3:8b"))
     assert [row["score"] for row in rows] == [85, 40, 100]
     assert [row["index"] for row in rows] == [0, 1, 2]
-    assert rows[1]["reply"] == "Score: 40."
-    assert all(row["error"] is None for row in rows)
+    assert rows[1]["reply"] == " 40.\n"
+    assert all(row["error"] is None and row["reason"] is None for row in rows)
     request = server.requests[0]
     assert request["path"] == "/api/chat"
     assert "Authorization" not in request["headers"]
@@ -324,7 +412,8 @@ def test_ollama_request_and_scores(server: FakeServer) -> None:
     assert summary["judge_model"] == "llama3:8b"
     assert summary["judge_count"] == 3
     assert summary["judge_mean"] == pytest.approx(75.0)
-    assert summary["judge_unparseable"] == summary["judge_failed"] == 0
+    assert summary["judge_unparseable"] == 0
+    assert summary["judge_failed"] == {}
     assert summary["judge_error"] is None
     assert list(summary["judge_histogram"]) == list(HISTOGRAM_BUCKETS)
     assert summary["judge_histogram"]["80-89"] == 1
@@ -370,24 +459,36 @@ def test_api_key_with_bad_characters_raises_without_echoing_it(
 
 
 def test_garbage_replies_are_unparseable(server: FakeServer) -> None:
-    server.script = [("reply", "I think it is good."), ("reply", "150"), ("reply", "90")]
-    rows, summary = judge_entries(make_entries(3), ollama(server))
-    assert [row["score"] for row in rows] == [None, None, 90]
-    assert rows[0]["reply"] == "I think it is good."
-    assert rows[0]["error"] is None
-    assert summary["judge_unparseable"] == 2
-    assert summary["judge_failed"] == 0
+    server.script = [
+        ("reply", "I think it is good."),
+        ("reply", "150"),
+        ("reply", "On a scale from 0 to 100, I give it 85."),
+        ("reply", "90"),
+    ]
+    rows, summary = judge_entries(make_entries(4), ollama(server))
+    assert [row["score"] for row in rows] == [None, None, None, 90]
+    assert rows[0]["reply"] == "I think it is good."  # kept raw
+    assert rows[2]["reply"] == "On a scale from 0 to 100, I give it 85."
+    assert [row["reason"] for row in rows] == ["unparseable"] * 3 + [None]
+    assert rows[0]["error"].startswith("unparseable: ")
+    assert "I think it is good." in rows[0]["error"]
+    assert summary["judge_unparseable"] == 3
+    assert summary["judge_failed"] == {"unparseable": 3}
     assert summary["judge_count"] == 1
     assert summary["judge_mean"] == 90
+    assert summary["judge_error"] is None  # partly scored: not a judge error
 
 
 def test_long_reply_is_truncated_and_lone_surrogates_dropped(server: FakeServer) -> None:
-    server.script = [("reply", "42 " + "x" * 5000), ("reply", "7 \ud800")]
-    rows, _ = judge_entries(make_entries(2), ollama(server))
+    server.script = [("reply", "42" + " " * 5000), ("reply", "7 \ud800"), ("reply", "x" * 5000)]
+    rows, _ = judge_entries(make_entries(3), ollama(server))
     assert rows[0]["score"] == 42
     assert len(rows[0]["reply"]) == 2000
-    assert rows[1]["score"] == 7
+    assert rows[1]["score"] is None and rows[1]["reason"] == "unparseable"
     rows[1]["reply"].encode("utf-8")  # writable as UTF-8 JSON
+    rows[1]["error"].encode("utf-8")
+    assert len(rows[2]["reply"]) == 2000
+    assert len(rows[2]["error"]) < 300  # the reason quotes only a snippet
 
 
 def test_malformed_bodies_count_as_failed(server: FakeServer) -> None:
@@ -402,7 +503,8 @@ def test_malformed_bodies_count_as_failed(server: FakeServer) -> None:
     assert "message.content" in rows[1]["error"]
     assert rows[2]["error"] is not None
     assert rows[3]["score"] == 60
-    assert summary["judge_failed"] == 3
+    assert all(row["reason"] == "bad_reply" for row in rows[:3])
+    assert summary["judge_failed"] == {"bad_reply": 3}
     assert len(server.requests) == 4  # malformed replies are not retried
 
 
@@ -428,7 +530,7 @@ def test_500_then_success_is_retried(server: FakeServer) -> None:
     assert rows[0]["score"] == 77
     assert rows[0]["error"] is None
     assert len(server.requests) == 3
-    assert summary["judge_failed"] == 0
+    assert summary["judge_failed"] == {}
 
 
 def test_5xx_exhausting_retries_counts_as_failed(server: FakeServer) -> None:
@@ -436,9 +538,10 @@ def test_5xx_exhausting_retries_counts_as_failed(server: FakeServer) -> None:
     rows, summary = judge_entries(make_entries(2), ollama(server, retries=1))
     assert "HTTP 503" in rows[0]["error"]
     assert ", after 2 attempts" in rows[0]["error"]
+    assert rows[0]["error"].startswith("http_status: ")
     assert rows[1]["score"] == 50
     assert len(server.requests) == 3
-    assert summary["judge_failed"] == 1
+    assert summary["judge_failed"] == {"http_status": 1}
     assert summary["judge_error"] is None
 
 
@@ -453,7 +556,7 @@ def test_4xx_is_not_retried(server: FakeServer) -> None:
     assert rows[0]["score"] == 10
     assert "HTTP 400" in rows[1]["error"] and "prompt too long" in rows[1]["error"]
     assert "HTTP 404" in rows[2]["error"]
-    assert summary["judge_failed"] == 2
+    assert summary["judge_failed"] == {"http_status": 2}
     assert summary["judge_error"] is None
 
 
@@ -461,7 +564,10 @@ def test_404_on_first_entry_stops_with_judge_error(server: FakeServer) -> None:
     server.script = [("status", 404, {"error": 'model "llama3" not found, try pulling it'})]
     rows, summary = judge_entries(make_entries(5), ollama(server, retries=3))
     assert len(server.requests) == 1
-    assert rows == []
+    assert [row["reason"] for row in rows] == ["http_status"] * 5  # every entry says why
+    assert "HTTP 404" in rows[0]["error"]
+    assert all("not sent" in row["error"] for row in rows[1:])
+    assert summary["judge_failed"] == {"http_status": 5}
     assert "HTTP 404" in summary["judge_error"]
     assert "ollama pull llama3" in summary["judge_error"]
     assert summary["judge_count"] == 0
@@ -476,7 +582,8 @@ def test_slow_reply_times_out_and_counts_as_failed(server: FakeServer) -> None:
     assert "timeout" in rows[0]["error"]
     assert rows[1]["score"] == 20
     assert len(server.requests) == 3  # the timeout was retried once
-    assert summary["judge_failed"] == 1
+    assert rows[0]["reason"] == "timeout"
+    assert summary["judge_failed"] == {"timeout": 1}
     assert summary["judge_count"] == 1
     assert summary["judge_error"] is None
 
@@ -486,7 +593,8 @@ def test_connection_refused_gives_judge_error(backend: str) -> None:
     url = f"http://127.0.0.1:{free_port()}" + ("/v1" if backend == "openai" else "")
     config = JudgeConfig(backend=backend, url=url, retries=1, backoff=0.0)
     rows, summary = judge_entries(make_entries(3), config)
-    assert rows == []
+    assert [row["reason"] for row in rows] == ["unreachable"] * 3
+    assert "connection refused" in rows[0]["error"]
     error = summary["judge_error"]
     assert "could not reach" in error
     assert url in error
@@ -495,7 +603,8 @@ def test_connection_refused_gives_judge_error(backend: str) -> None:
         assert "ollama serve" in error and "ollama pull llama3" in error
     else:
         assert "OPENAI_API_KEY" in error
-    assert summary["judge_count"] == summary["judge_failed"] == 0
+    assert summary["judge_count"] == 0
+    assert summary["judge_failed"] == {"unreachable": 3}
     assert summary["judge_mean"] is None
 
 
@@ -503,11 +612,302 @@ def test_server_going_away_stops_after_consecutive_failures(server: FakeServer) 
     server.script = [("reply", "80")]
     server.default = lambda body: ("close",)
     rows, summary = judge_entries(make_entries(10), ollama(server, retries=0))
-    assert [row["score"] for row in rows] == [80, None, None, None]
-    assert all(row["error"] for row in rows[1:])
-    assert summary["judge_failed"] == 3
+    assert [row["score"] for row in rows] == [80] + [None] * 9
+    assert len(server.requests) == 4  # the last six were not sent
+    assert all(row["error"].startswith("unreachable: ") for row in rows[1:])
+    assert all("not sent" in row["error"] for row in rows[4:])
+    assert summary["judge_failed"] == {"unreachable": 9}
     assert summary["judge_count"] == 1
     assert "6 of 10 entries not judged" in summary["judge_error"]
+
+
+def test_all_unparseable_sets_judge_error_with_the_first_reason(server: FakeServer) -> None:
+    server.default = lambda body: ("reply", "Score: 85")
+    _, summary = judge_entries(make_entries(3), ollama(server))
+    assert summary["judge_count"] == 0
+    assert summary["judge_failed"] == {"unparseable": 3}
+    error = summary["judge_error"]
+    assert error.startswith(f"Ollama at {server.url} scored none of the 3 entries")
+    assert "(entry 0): unparseable: " in error and "'Score: 85'" in error
+
+
+# --- servers that hang or trickle; deadlines ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def raw_server(handle: Callable[[socket.socket, threading.Event], None]) -> Iterator[str]:
+    """A TCP server on 127.0.0.1 that runs ``handle(conn, stop)`` per connection, in threads."""
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    workers: list[threading.Thread] = []
+
+    def work(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(0.2)
+            with contextlib.suppress(OSError):
+                conn.recv(1 << 16)  # the request (its start is enough)
+            handle(conn, stop)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            worker = threading.Thread(target=work, args=(conn,), daemon=True)
+            worker.start()
+            workers.append(worker)
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        acceptor.join(timeout=5)
+        listener.close()
+        for worker in workers:
+            worker.join(timeout=5)
+
+
+def silent(conn: socket.socket, stop: threading.Event) -> None:
+    """Accept, and never answer."""
+    stop.wait()
+
+
+def trickle(prefix: bytes, interval: float) -> Callable[[socket.socket, threading.Event], None]:
+    """Send ``prefix``, then one more byte every ``interval`` seconds, forever."""
+
+    def handle(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(prefix)
+        while not stop.wait(interval):
+            conn.sendall(b"a")
+
+    return handle
+
+
+TRICKLE_HEADERS = b"HTTP/1.1 200 OK\r\nX-Slow: "
+TRICKLE_BODY = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 99999\r\n\r\n"
+
+
+def bounded(seconds: float, call: Callable[[], Any]) -> tuple[Any, float]:
+    """``call()`` and its duration; fails (instead of hanging the suite) past ``seconds``."""
+    result: list[Any] = []
+    start = time.monotonic()
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return result[0], time.monotonic() - start
+
+
+def test_a_server_that_never_answers_is_given_up_on_per_request() -> None:
+    with raw_server(silent) as url:
+        config = JudgeConfig(backend="ollama", url=url, timeout=0.3, retries=2, backoff=0.0)
+        (rows, summary), elapsed = bounded(5, lambda: judge_entries(make_entries(1), config))
+    assert 0.8 < elapsed < 2.5  # three attempts of 0.3 s each
+    assert rows[0]["reason"] == "timeout"
+    assert "after 3 attempts" in rows[0]["error"]
+    assert summary["judge_failed"] == {"timeout": 1}
+    assert url in summary["judge_error"]
+
+
+@pytest.mark.parametrize("prefix", [TRICKLE_HEADERS, TRICKLE_BODY], ids=["headers", "body"])
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+def test_a_trickling_server_is_given_up_on_within_the_timeout(prefix: bytes, backend: str) -> None:
+    # A byte every 0.1 s never trips a per-read timeout of 0.6 s: only an overall limit helps.
+    with raw_server(trickle(prefix, 0.1)) as url:
+        config = JudgeConfig(
+            backend=backend,
+            url=url + ("/v1" if backend == "openai" else ""),
+            timeout=0.6,
+            retries=0,
+        )
+        (rows, summary), elapsed = bounded(5, lambda: judge_entries(make_entries(1), config))
+    assert 0.5 < elapsed < 2.0
+    assert rows[0]["reason"] == "timeout"
+    assert rows[0]["error"] == "timeout: no complete reply within 0.6 s (timeout)"
+    assert summary["judge_count"] == 0
+
+
+def test_the_run_deadline_marks_the_entries_left() -> None:
+    with raw_server(silent) as url:
+        config = JudgeConfig(
+            backend="ollama", url=url, timeout=0.3, retries=0, backoff=0.0, deadline_s=1.0
+        )
+        (rows, summary), elapsed = bounded(5, lambda: judge_entries(make_entries(20), config))
+    assert elapsed < 2.0
+    assert len(rows) == 20
+    reasons = [row["reason"] for row in rows]
+    assert reasons[0] == "timeout"
+    assert reasons[-10:] == ["deadline"] * 10
+    assert set(reasons) == {"timeout", "deadline"}
+    assert reasons == sorted(reasons, key=lambda r: r == "deadline")  # timeouts, then deadline
+    assert summary["judge_failed"]["deadline"] + summary["judge_failed"]["timeout"] == 20
+    assert "run deadline of 1 s" in summary["judge_error"] and url in summary["judge_error"]
+    assert "not judged" in summary["judge_error"]
+
+
+def test_retries_never_wait_past_the_run_deadline(server: FakeServer) -> None:
+    server.default = lambda body: ("status", 503, b"busy")
+    config = ollama(server, retries=5, backoff=30.0, deadline_s=0.5)
+    (rows, summary), elapsed = bounded(5, lambda: judge_entries(make_entries(3), config))
+    assert elapsed < 2.0
+    assert rows[0]["reason"] == "http_status"
+    assert "no time left to retry before the run deadline" in rows[0]["error"]
+    # A 30 s back-off would pass the deadline: one attempt per entry, no retry, no wait.
+    assert len(server.requests) == 3
+    assert summary["judge_failed"] == {"http_status": 3}
+
+
+def test_a_partial_run_within_the_deadline_keeps_its_scores(server: FakeServer) -> None:
+    server.script = [("reply", "70"), ("sleep", 3.0, "99")]
+    config = ollama(server, timeout=2.0, retries=0, deadline_s=0.5)
+    (rows, summary), elapsed = bounded(5, lambda: judge_entries(make_entries(4), config))
+    assert elapsed < 2.0
+    assert [row["score"] for row in rows] == [70, None, None, None]
+    assert rows[1]["reason"] == "deadline"  # cut short by the run deadline, not the timeout
+    assert summary["judge_count"] == 1 and summary["judge_failed"] == {"deadline": 3}
+    assert "3 of 4 entries not judged" in summary["judge_error"]
+
+
+def test_every_reason_is_documented() -> None:
+    assert set(REASONS) == {
+        "unreachable",
+        "timeout",
+        "http_status",
+        "bad_reply",
+        "unparseable",
+        "deadline",
+    }
+
+
+# --- the evaluate stage ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def evaluate_stage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
+    """The evaluate stage with its model and tokenized split faked; the judge part is real."""
+    from gpt2_instruct.stages import evaluate as stage
+
+    entries = make_entries(3)
+    responses = tmp_path / "responses.json"
+    responses.write_text(json.dumps(entries), encoding="utf-8")
+    monkeypatch.setattr(stage, "resolve_device", lambda name: "cpu")
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=50257))
+    monkeypatch.setattr(
+        stage, "load_instruct_model", lambda *a, **k: (model, SimpleNamespace(eot_id=0), None)
+    )
+
+    class FakeSplit(list):
+        def check_ids(self, source: object, vocab_size: int | None = None) -> None:
+            pass
+
+    monkeypatch.setattr(stage, "TokenizedSplit", SimpleNamespace(load=lambda p: FakeSplit(entries)))
+    monkeypatch.setattr(stage, "response_losses", lambda *a, limit, **k: [1.0] * limit)
+    out = SimpleNamespace(
+        metrics=tmp_path / "metrics/eval.json",
+        per_entry=tmp_path / "metrics/eval_per_entry.csv",
+        plots=tmp_path / "plots/eval",
+    )
+
+    def run(params: EvaluateParams) -> dict[str, Any]:
+        return stage.evaluate(
+            params,
+            responses,
+            tmp_path / "model",
+            tmp_path / "tokenized",
+            out.metrics,
+            out.per_entry,
+            out.plots,
+        )
+
+    out.run = run
+    return out
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_evaluate_fails_after_writing_offline_metrics_when_nothing_is_scored(
+    evaluate_stage: SimpleNamespace,
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    judge = JudgeParams(backend="ollama", url=url, timeout=2.0, retries=0)
+    with pytest.raises(JudgeError) as info:
+        evaluate_stage.run(EvaluateParams(judge=judge))
+    assert isinstance(info.value, EXPECTED_ERRORS)  # one line, exit 1, no traceback
+    message = str(info.value)
+    assert "\n" not in message
+    assert "scored none of the 3 entries" in message
+    assert f"could not reach Ollama at {url} (connection refused)" in message
+    saved = json.loads(evaluate_stage.metrics.read_text(encoding="utf-8"))
+    assert saved["count"] == 3 and math.isfinite(saved["rougeL"])
+    assert saved["judge_count"] == 0 and saved["judge_failed"] == {"unreachable": 3}
+    assert "could not reach" in saved["judge_error"]
+    rows = _csv_rows(evaluate_stage.per_entry)
+    assert [row["judge_error"].split(":")[0] for row in rows] == ["unreachable"] * 3
+    assert (evaluate_stage.plots / "rougeL_histogram.png").is_file()
+
+
+def test_evaluate_with_some_scores_succeeds_and_reports_failures(
+    evaluate_stage: SimpleNamespace, server: FakeServer
+) -> None:
+    server.script = [("reply", "80"), ("reply", "good"), ("status", 400, b"too long")]
+    judge = JudgeParams(backend="ollama", url=server.url, timeout=2.0, retries=0)
+    summary = evaluate_stage.run(EvaluateParams(judge=judge))
+    assert summary["judge_count"] == 1 and summary["judge_mean"] == 80
+    assert summary["judge_failed"] == {"http_status": 1, "unparseable": 1}
+    assert summary["judge_error"] is None
+    rows = _csv_rows(evaluate_stage.per_entry)
+    columns = list(rows[0])
+    assert columns[-3:] == ["judge_score", "judge_error", "judge_reply"]
+    assert [row["judge_score"] for row in rows] == ["80", "", ""]
+    assert rows[0]["judge_error"] == ""
+    assert rows[1]["judge_error"].startswith("unparseable: ") and rows[1]["judge_reply"] == "good"
+    assert rows[2]["judge_error"].startswith("http_status: HTTP 400")
+
+
+def test_evaluate_rejects_an_unusable_api_key_before_any_work(
+    evaluate_stage: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpt2_instruct.stages import evaluate as stage
+
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-sec ret")
+    monkeypatch.setattr(stage, "load_instruct_model", lambda *a, **k: pytest.fail("model loaded"))
+    judge = JudgeParams(backend="openai", api_key_env="JUDGE_TEST_KEY")
+    with pytest.raises(JudgeError, match="JUDGE_TEST_KEY") as info:
+        evaluate_stage.run(EvaluateParams(judge=judge))
+    assert "sec" not in str(info.value)
+    assert not evaluate_stage.metrics.exists()
+
+
+def test_the_stage_exits_1_with_one_line_when_nothing_is_scored(
+    evaluate_stage: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        f"evaluate:\n  judge:\n    backend: ollama\n    url: {url}\n    retries: 0\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(SystemExit) as info:
+        run_stage(
+            "test",
+            {},
+            lambda params, paths: evaluate_stage.run(params.evaluate),
+            ["--params", str(path)],
+        )
+    assert info.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: the judge scored none")
+    assert url in errors[0] and "connection refused" in errors[0]
+    assert json.loads(evaluate_stage.metrics.read_text(encoding="utf-8"))["count"] == 3
 
 
 def test_progress_bar_runs(server: FakeServer) -> None:
@@ -522,35 +922,98 @@ def test_progress_bar_runs(server: FakeServer) -> None:
     ("reply", "expected"),
     [
         ("85", 85),
-        (" 85.", 85),
-        ("85.0", 85),
-        ("Score: 85", 85),
-        ("85/100", 85),
+        (" 85.\n", 85),
+        ("85.", 85),
         ("0", 0),
         ("100", 100),
+        ("100.", 100),
         ("007", 7),
         ("\n\n 42\n", 42),
-        ("I'd give it 90 out of 100.", 90),
-        ("score:-5", None),
-        ("-5", None),
-        ("101", None),
-        ("1000", None),
-        ("9" * 10_000, None),
-        ("85.5", None),
-        ("", None),
-        ("   ", None),
-        ("excellent", None),
-        ("٨٥", None),  # non-ASCII digits are not a score
+        ("\t42 \r\n", 42),
+        ("\u00a042\u2003", 42),  # Unicode blanks around it are still only whitespace
     ],
 )
-def test_parse_score_cases(reply: str, expected: int | None) -> None:
+def test_parse_score_accepts_only_a_bare_integer(reply: str, expected: int) -> None:
     assert parse_score(reply) == expected
 
 
-@given(st.integers(min_value=0, max_value=100))
-def test_parse_score_roundtrips_every_valid_score(n: int) -> None:
-    assert parse_score(str(n)) == n
-    assert parse_score(f"Score: {n}/100") == n
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "On a scale from 0 to 100, I give it 85.",  # the first number is the scale, not 85
+        "1e309",  # not 1, not infinity
+        "1e2",
+        "Score: 85",
+        "85/100",
+        "85 out of 100",
+        "I'd give it 90 out of 100.",
+        "85\n\nThe answer is mostly right.",
+        "85 90",
+        "85.0",
+        "85.5",
+        "85..",
+        "85 .",
+        ".85",
+        "+85",
+        "-5",
+        "score:-5",
+        "-0",
+        "101",
+        "1000",
+        "9" * 10_000,
+        "0x55",
+        "85%",
+        "**85**",
+        "`85`",
+        '"85"',
+        "",
+        "   ",
+        ".",
+        "excellent",
+        "٨٥",  # Arabic-Indic digits are not a score
+        "\uff18\uff15",  # nor are full-width ones
+        "8\u200b5",  # a zero-width space inside
+    ],
+)
+def test_parse_score_rejects_anything_else(reply: str) -> None:
+    assert parse_score(reply) is None
+
+
+def test_parse_score_rejects_non_strings() -> None:
+    assert parse_score(85) is None  # type: ignore[arg-type]
+    assert parse_score(None) is None  # type: ignore[arg-type]
+
+
+_BLANKS = st.text(alphabet=" \t\n\r\f\v\u00a0\u2003\u3000", max_size=5)
+
+
+@given(st.integers(min_value=0, max_value=100), _BLANKS, _BLANKS, st.booleans())
+def test_parse_score_accepts_every_score_with_blanks_and_a_period(
+    n: int, before: str, after: str, period: bool
+) -> None:
+    assert parse_score(before + str(n) + ("." if period else "") + after) == n
+
+
+@given(
+    st.text(max_size=20),
+    st.characters(categories=["Lu", "Ll", "Lt", "Lm", "Lo"]),
+    st.text(max_size=20),
+)
+def test_parse_score_rejects_any_text_with_a_letter(before: str, letter: str, after: str) -> None:
+    assert parse_score(before + letter + after) is None
+
+
+@given(
+    st.integers(min_value=0, max_value=100),
+    st.integers(min_value=0, max_value=10**6),
+    st.text(alphabet=" \t\n,;:/-.|", min_size=1, max_size=4),
+    _BLANKS,
+    _BLANKS,
+)
+def test_parse_score_rejects_a_second_number(
+    first: int, second: int, separator: str, before: str, after: str
+) -> None:
+    assert parse_score(f"{before}{first}{separator}{second}{after}") is None
 
 
 @given(st.integers().filter(lambda n: not 0 <= n <= 100))

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpt2_instruct import devices, stages
 from gpt2_instruct.model_dir import load_instruct_model
@@ -275,8 +280,9 @@ def test_stage_scripts_default_to_the_paths_in_dvc_yaml():
 
 
 # Modules that cannot change what a stage writes: arguments and params, device and memory
-# settings, atomic writes, and the stages' frame (``gpt2_instruct.stages``'s __init__).
-PLUMBING = {"params", "io", "devices", "stages"}
+# settings, atomic writes, the bounded JSON reader (json.loads' values or an error), and the
+# stages' frame (``gpt2_instruct.stages``'s __init__).
+PLUMBING = {"params", "io", "devices", "safe_json", "stages"}
 PACKAGE = REPO_ROOT / "src" / "gpt2_instruct"
 
 
@@ -481,3 +487,229 @@ def test_run_stage_keeps_freed_memory_for_fp32_and_for_bf16_with_the_cache_off(
     code, _, calls = _run_stage(tmp_path, text, capsys)
     assert code == 0 and len(calls) == 1
     assert applied == ([True] if reused else [])
+
+
+# ------------------------------------------- hostile values: ranges, caps, limits (issue 22)
+BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]\n"
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        # sampling
+        ("generate:\n  temperature: -0.5\n", ["generate", "temperature"]),
+        ("generate:\n  temperature: .inf\n", ["generate.temperature", "finite"]),
+        ("generate:\n  top_p: 0\n", ["generate", "top_p"]),
+        ("generate:\n  top_p: 1.5\n", ["generate", "top_p"]),
+        ("generate:\n  top_p: .nan\n", ["generate.top_p", "finite"]),
+        ("generate:\n  top_k: 0\n", ["generate", "top_k"]),
+        ("generate:\n  top_k: -3\n", ["generate", "top_k"]),
+        ("generate:\n  max_new_tokens: 1024\n", ["generate", "max_new_tokens", "1023"]),
+        ("generate:\n  max_new_tokens: 100000\n", ["generate", "max_new_tokens"]),
+        (
+            "fetch_gpt2:\n  source: random\n  random:\n    context_length: 64\n"
+            "generate:\n  max_new_tokens: 64\n",
+            ["generate.max_new_tokens", "fetch_gpt2.random", "64"],
+        ),
+        # devices: names
+        ("finetune:\n  device: tpu\n", ["finetune", "device", "'tpu'"]),
+        ("generate:\n  device: CUDA\n", ["generate", "device"]),
+        ("evaluate:\n  device: 'cuda:'\n", ["evaluate", "device"]),
+        ("evaluate:\n  device: 'cuda:-1'\n", ["evaluate", "device"]),
+        ("finetune:\n  device: ''\n", ["finetune", "device"]),
+        # non-finite floats anywhere
+        ("finetune:\n  lr: .inf\n", ["finetune.lr", "finite"]),
+        ("finetune:\n  lr: .nan\n", ["finetune.lr", "finite"]),
+        ("finetune:\n  weight_decay: .inf\n", ["finetune.weight_decay", "finite"]),
+        ("finetune:\n  grad_clip: .inf\n", ["finetune.grad_clip", "finite"]),
+        ("finetune:\n  min_lr_ratio: .nan\n", ["finetune.min_lr_ratio", "finite"]),
+        ("finetune:\n  lora:\n    alpha: .inf\n", ["finetune.lora.alpha", "finite"]),
+        ("finetune:\n  lr: 1e400\n", ["finetune.lr", "finite"]),
+        ("prepare:\n  train_fraction: .nan\n", ["prepare.train_fraction", "finite"]),
+        ("download:\n  timeout: .inf\n", ["download", "timeout"]),
+        (
+            "finetune:\n  distributed:\n    timeout_s: 1e300\n",
+            ["finetune.distributed", "timeout_s"],
+        ),
+        # absurdly large integers
+        ("finetune:\n  batch_size: 1e23\n", ["finetune.batch_size", "integer"]),
+        ("finetune:\n  batch_size: 100000000000000000000000\n", ["finetune.batch_size", "range"]),
+        ("finetune:\n  batch_size: 65537\n", ["finetune", "batch_size", "65536"]),
+        ("finetune:\n  micro_batch_size: 100000\n", ["finetune", "micro_batch_size"]),
+        ("generate:\n  batch_size: 1000000\n", ["generate", "batch_size"]),
+        ("evaluate:\n  batch_size: 1000000\n", ["evaluate", "batch_size"]),
+        ("finetune:\n  epochs: 1000000\n", ["finetune", "epochs"]),
+        ("finetune:\n  max_steps: 10000000000\n", ["finetune", "max_steps"]),
+        ("finetune:\n  warmup_steps: 10000000000\n", ["finetune", "warmup_steps"]),
+        ("finetune:\n  eval_every: 10000000000\n", ["finetune", "eval_every"]),
+        ("finetune:\n  eval_batches: 1000000\n", ["finetune", "eval_batches"]),
+        ("finetune:\n  checkpoint_every: 10000000000\n", ["finetune", "checkpoint_every"]),
+        ("finetune:\n  threads: 1000000\n", ["finetune", "threads"]),
+        ("finetune:\n  max_length: 100000000\n", ["finetune", "max_length"]),
+        ("finetune:\n  distributed:\n    nproc_per_node: 100000\n", ["nproc_per_node"]),
+        ("generate:\n  limit: 100000000000000000000\n", ["generate.limit", "range"]),
+        # seeds
+        ("finetune:\n  seed: -1\n", ["finetune", "seed"]),
+        ("prepare:\n  seed: 9223372036854775808\n", ["prepare.seed", "range"]),
+        ("generate:\n  seed: -5\n", ["generate", "seed"]),
+        ("fetch_gpt2:\n  random:\n    seed: 18446744073709551616\n", ["fetch_gpt2.random.seed"]),
+        # the random model's shape
+        ("fetch_gpt2:\n  random:\n    n_embd: 0\n", ["fetch_gpt2.random", "n_embd"]),
+        ("fetch_gpt2:\n  random:\n    n_embd: -64\n", ["fetch_gpt2.random", "n_embd"]),
+        ("fetch_gpt2:\n  random:\n    n_embd: 1000000\n", ["fetch_gpt2.random", "n_embd", "1600"]),
+        ("fetch_gpt2:\n  random:\n    n_layer: 0\n", ["fetch_gpt2.random", "n_layer"]),
+        ("fetch_gpt2:\n  random:\n    n_layer: 100000\n", ["fetch_gpt2.random", "n_layer", "48"]),
+        ("fetch_gpt2:\n  random:\n    n_head: 0\n", ["fetch_gpt2.random", "n_head"]),
+        ("fetch_gpt2:\n  random:\n    n_head: 128\n", ["fetch_gpt2.random", "n_head"]),
+        ("fetch_gpt2:\n  random:\n    context_length: 0\n", ["fetch_gpt2.random", "context"]),
+        # LoRA rank against the width known from fetch_gpt2
+        ("finetune:\n  lora:\n    rank: -1\n", ["finetune.lora", "rank"]),
+        ("finetune:\n  lora:\n    rank: 100000\n", ["finetune.lora", "rank"]),
+        (
+            "fetch_gpt2:\n  model: gpt2\nfinetune:\n  lora:\n    rank: 769\n",
+            ["finetune.lora.rank", "768", "fetch_gpt2.model gpt2"],
+        ),
+        (
+            "fetch_gpt2:\n  source: random\nfinetune:\n  lora:\n    rank: 65\n",
+            ["finetune.lora.rank", "64", "fetch_gpt2.random"],
+        ),
+        # within finetune
+        (
+            "finetune:\n  max_steps: 5\n  warmup_steps: 6\n",
+            ["finetune", "warmup_steps", "max_steps"],
+        ),
+        (
+            "finetune:\n  device: cpu\n  distributed:\n    nproc_per_node: 2\n    backend: nccl\n",
+            ["finetune", "nccl", "cpu"],
+        ),
+        (
+            "finetune:\n  device: 'cuda:0'\n  distributed:\n    nproc_per_node: 2\n",
+            ["finetune", "cuda:0", "rank"],
+        ),
+        # strings and lists
+        ('fetch_gpt2:\n  revision: "main\\0"\n', ["fetch_gpt2.revision", "NUL"]),
+        ("finetune:\n  lora:\n    targets: [" + "ff_fc, " * 200 + "]\n", ["lora.targets"]),
+    ],
+)
+def test_hostile_values_name_section_and_key(tmp_path, text, words):
+    message = _error(tmp_path, text)
+    assert "\n" not in message and len(message) < 400
+    for word in words:
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "fetch_gpt2:\n  model: gpt2-xl\nfinetune:\n  lora:\n    rank: 1600\n",
+        "fetch_gpt2:\n  source: random\n  random:\n    context_length: 65\n"
+        "generate:\n  max_new_tokens: 64\n",
+        "fetch_gpt2:\n  source: local\n  local_dir: x\nfinetune:\n  lora:\n    rank: 1024\n",
+        "finetune:\n  seed: 9223372036854775807\n  batch_size: 65536\n  threads: 2\n",
+        "finetune:\n  lora:\n    targets: &t [attn_qkv, head]\n    rank: &r 8\n"
+        "  warmup_steps: *r\n",  # a plain alias is fine
+    ],
+)
+def test_values_at_the_limits_are_accepted(tmp_path, text):
+    load_params(_write(tmp_path, text))
+
+
+def test_devices_are_checked_against_this_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = _error(tmp_path, "generate:\n  device: cuda\n")
+    assert "generate.device" in message and "CUDA is not available" in message
+    assert "evaluate.device" in _error(tmp_path, "evaluate:\n  device: 'cuda:0'\n")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert "MPS" in _error(tmp_path, "finetune:\n  device: mps\n")
+    load_params(_write(tmp_path, "finetune:\n  device: cpu\ngenerate:\n  device: auto\n"))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    load_params(_write(tmp_path, "finetune:\n  device: 'cuda:1'\ngenerate:\n  device: cuda\n"))
+    message = _error(tmp_path, "finetune:\n  device: 'cuda:7'\n")
+    assert "finetune.device" in message and "'cuda:7'" in message and "2 CUDA device" in message
+    message = _error(tmp_path, "finetune:\n  distributed:\n    nproc_per_node: 4\n")
+    assert "nproc_per_node (4)" in message and "2 CUDA" in message
+
+
+def _timed_error(tmp_path, text) -> str:
+    started = time.monotonic()
+    message = _error(tmp_path, text)
+    assert time.monotonic() - started < 2.0
+    assert "\n" not in message and len(message) < 1000  # the valid keys may be listed
+    return message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        BOMB,  # unknown top-level keys
+        "finetune:\n" + "".join(f"  {line}\n" for line in BOMB.splitlines()),  # in a section
+        BOMB.replace("i: &i", "finetune:\n  lora:\n    targets: &i"),  # as a value
+    ],
+    ids=["top-level", "in-a-section", "as-a-value"],
+)
+def test_alias_bomb_fails_fast_in_one_line(tmp_path, text):
+    assert len(text) < 1100
+    assert "aliases" in _timed_error(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("finetune: " + "[" * 100_000 + "]" * 100_000 + "\n", ["nested"]),
+        ("finetune:\n  batch_size: " + "1" * 5000 + "\n", ["not valid YAML", "4300"]),
+        ("finetune:\n  lr: !!float\n", ["not valid YAML"]),
+        ("finetune:\n  lr: 2001-13-45\n", ["not valid YAML"]),
+        ("finetune:\n  lr: 1\n  lr: 2\n", ["duplicate key"]),
+        ("x: &a [*a]\n", ["unknown key"]),
+        ("finetune:\n  precision: " + "x" * 100_000 + "\n", ["finetune.precision", "..."]),
+        ("finetune:\n  lr: [" + "1, " * 10_000 + "]\n", ["finetune.lr", "..."]),
+        ("finetune:\n" + "".join(f"  k{i}: 1\n" for i in range(1000)), ["990 more"]),
+        ("false\n", ["mapping"]),
+    ],
+)
+def test_unusable_yaml_is_one_short_line(tmp_path, text, words):
+    message = _timed_error(tmp_path, text)
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_unreadable_params_files(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"finetune:\n  lr: \xff\n")
+    with pytest.raises(ParamsError, match=r"not valid UTF-8 \(byte 0xff at offset 16\)"):
+        load_params(path)
+    path.write_bytes(b"# " + b"x" * (2 << 20))
+    with pytest.raises(ParamsError, match="larger than"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="cannot read"):
+        load_params(tmp_path)  # a directory
+
+
+def test_reused_anchor_prints_no_warning(tmp_path, capsys):
+    load_params(_write(tmp_path, "finetune:\n  seed: &a 1\n  epochs: &a 3\n  max_steps: *a\n"))
+    assert capsys.readouterr().err == ""
+
+
+YAML_FRAGMENTS = [
+    *["finetune:", "generate:", "fetch_gpt2:", "  lr: ", "  lora:", "    rank: ", "  seed: "],
+    *["&a ", "*a", "[", "]", "{", "}", ",", ": ", "- ", "? ", "<<: ", "!!float ", "!!binary "],
+    *["!!set ", "!!omap ", "!!timestamp ", ".inf", ".nan", "1e400", "0x", "2001-13-01", "~"],
+    *["\n", "  ", "x", "1", "-1", "null", "|", ">", "#", "---\n", "%YAML 1.1\n", "\t", '"\\0"'],
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(YAML_FRAGMENTS) | st.text(max_size=3), max_size=30))
+def test_any_yaml_text_raises_only_a_one_line_params_error(parts):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_bytes("".join(parts).encode("utf-8", "surrogatepass"))
+        try:
+            load_params(path)
+        except ParamsError as err:
+            assert "\n" not in str(err) and str(err).startswith(str(path))

@@ -14,12 +14,14 @@ from hypothesis import strategies as st
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from gpt2_instruct.data import PROMPT_STYLES, format_prompt, load_entries
+from gpt2_instruct.safe_json import JSONError
 from gpt2_instruct.tokenizer import (
     BPE_SHA256,
     ENCODER_JSON,
     ENDOFTEXT,
     VOCAB_BPE,
     Tokenizer,
+    TokenizerError,
     load_tokenizer,
 )
 
@@ -115,7 +117,7 @@ def _edit_encoder(directory: Path, edit) -> None:
 def test_merge_line_disagreeing_with_encoder_json(tiny_dir, tmp_path):
     bad = _copy_pair(tiny_dir, tmp_path / "bad")
     (bad / VOCAB_BPE).write_text("#version: 0.2\nt h\nh e\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"line 3 \('h e'\) disagrees with") as info:
+    with pytest.raises(TokenizerError, match=r"line 3 \('h e'\) disagrees with") as info:
         load_tokenizer(bad)
     assert str(bad / VOCAB_BPE) in str(info.value)
 
@@ -123,21 +125,21 @@ def test_merge_line_disagreeing_with_encoder_json(tiny_dir, tmp_path):
 def test_merges_in_the_wrong_order(tiny_dir, tmp_path):
     bad = _copy_pair(tiny_dir, tmp_path / "bad")
     (bad / VOCAB_BPE).write_text("#version: 0.2\nth e\nt h\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="line 2"):
+    with pytest.raises(TokenizerError, match="line 2"):
         load_tokenizer(bad)
 
 
 def test_merge_line_with_three_parts(tiny_dir, tmp_path):
     bad = _copy_pair(tiny_dir, tmp_path / "bad")
     (bad / VOCAB_BPE).write_text("#version: 0.2\nt h\nt h e\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="line 3"):
+    with pytest.raises(TokenizerError, match="line 3"):
         load_tokenizer(bad)
 
 
 def test_wrong_number_of_merges(tiny_dir, tmp_path):
     bad = _copy_pair(tiny_dir, tmp_path / "bad")
     (bad / VOCAB_BPE).write_text("#version: 0.2\nt h\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="1 merges, but") as info:
+    with pytest.raises(TokenizerError, match="1 merges, but") as info:
         load_tokenizer(bad)
     assert str(bad / ENCODER_JSON) in str(info.value)
     assert "has 2" in str(info.value)
@@ -146,7 +148,7 @@ def test_wrong_number_of_merges(tiny_dir, tmp_path):
 def test_gap_in_ids(tiny_dir, tmp_path):
     bad = _copy_pair(tiny_dir, tmp_path / "bad")
     _edit_encoder(bad, lambda e: e.update({"the": 300}))
-    with pytest.raises(ValueError, match="without gaps") as info:
+    with pytest.raises(TokenizerError, match="without gaps") as info:
         load_tokenizer(bad)
     assert str(bad / ENCODER_JSON) in str(info.value)
 
@@ -154,21 +156,21 @@ def test_gap_in_ids(tiny_dir, tmp_path):
 def test_duplicate_ids(tiny_dir, tmp_path):
     bad = _copy_pair(tiny_dir, tmp_path / "bad")
     _edit_encoder(bad, lambda e: e.update({"the": TH}))
-    with pytest.raises(ValueError, match="without gaps"):
+    with pytest.raises(TokenizerError, match="without gaps"):
         load_tokenizer(bad)
 
 
 def test_token_that_is_not_byte_level_text(tiny_dir, tmp_path):
     bad = _copy_pair(tiny_dir, tmp_path / "bad")
     _edit_encoder(bad, lambda e: e.update({"t h": e.pop("th")}))  # a raw space is not a byte char
-    with pytest.raises(ValueError, match="not GPT-2 byte-level text"):
+    with pytest.raises(TokenizerError, match="not GPT-2 byte-level text"):
         load_tokenizer(bad)
 
 
 def test_encoder_json_not_an_object(tiny_dir, tmp_path):
     bad = _copy_pair(tiny_dir, tmp_path / "bad")
     (bad / ENCODER_JSON).write_text("[1, 2]", encoding="utf-8")
-    with pytest.raises(ValueError, match="JSON object"):
+    with pytest.raises(TokenizerError, match="JSON object"):
         load_tokenizer(bad)
 
 
@@ -176,7 +178,7 @@ def test_encoder_json_not_an_object(tiny_dir, tmp_path):
 def test_missing_file_names_the_path(tiny_dir, tmp_path, name):
     bad = _copy_pair(tiny_dir, tmp_path / "bad")
     (bad / name).unlink()
-    with pytest.raises(FileNotFoundError, match="BPE file not found") as info:
+    with pytest.raises(TokenizerError, match="BPE file not found") as info:
         load_tokenizer(bad)
     assert str(bad / name) in str(info.value)
 
@@ -192,7 +194,7 @@ def test_encoder_json_missing_a_single_byte_is_rejected(tmp_path, write_bpe):
 
     _edit_encoder(bad, drop_z)
     (bad / VOCAB_BPE).write_text("#version: 0.2\nth e\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=ENCODER_JSON):
+    with pytest.raises(TokenizerError, match=ENCODER_JSON):
         load_tokenizer(bad)
 
 
@@ -284,3 +286,25 @@ def test_real_endoftext_in_text_is_plain_text(real, reference):
     assert 50256 not in ids
     assert ids == reference.encode_ordinary(text)
     assert reference.encode(text, allowed_special="all") != ids  # the special reading differs
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (ENCODER_JSON, b"[" * 100_000, "nested"),
+        (ENCODER_JSON, b'{"a": 1' + b"0" * 5000 + b"}", "number"),
+        (ENCODER_JSON, b'{"a": 0, "a": 1}', "repeats the key 'a'"),
+        (ENCODER_JSON, b'{"a": null}', "entry 'a': the id must be an integer"),
+        (ENCODER_JSON, b'{"a": 1.5}', "entry 'a': the id must be an integer"),
+        (ENCODER_JSON, b"\xff\xfe{}", "UTF-8"),
+        (VOCAB_BPE, b"#version: 0.2\n\xff h\n", "not valid UTF-8"),
+    ],
+)
+def test_hostile_bpe_files_fail_with_one_clear_error(tiny_dir, tmp_path, name, content, message):
+    """Every malformed BPE file is one error naming the file, never a crash or a hang."""
+    bad = _copy_pair(tiny_dir, tmp_path / "bad")
+    (bad / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_tokenizer(bad)
+    assert str(bad / name) in str(info.value)
+    assert isinstance(info.value, TokenizerError | JSONError)

@@ -17,7 +17,7 @@ from typing import TextIO
 
 import torch
 
-from gpt2_instruct.data import Entry, extract_response, format_prompt
+from gpt2_instruct.data import RESPONSE_EXTRACTIONS, Entry, extract_response, format_prompt
 from gpt2_instruct.devices import resolve_device
 from gpt2_instruct.generation import SamplingConfig, generate
 from gpt2_instruct.model import GPTModel
@@ -67,50 +67,93 @@ def _response_header(style: str) -> str:
 class ResponseStream:
     """Streamed text, cleaned up on the fly exactly as :func:`extract_response` would.
 
-    Leading whitespace and a repeated response header are held back until it is clear the
-    text is not just that, and trailing whitespace until more text follows, so the streamed
-    answer equals ``extract_response(full_text)`` and chat shows what ``generate`` prints.
+    Text that may still turn out to be (part of) a response header to drop is held back
+    until that is decided, leading whitespace is dropped and trailing whitespace held back
+    until more text follows, so for any split of ``full_text`` into fed chunks the streamed
+    answer (``feed``s then ``finish``) equals ``extract_response(full_text, style, mode)``
+    and chat shows what ``generate`` prints.
+
+    ``mode="reference"`` removes every header, wherever it is and however the tokens cut
+    it, as ``str.replace`` would (scanning left to right, no rescan after a removal);
+    ``mode="leading"`` only one header before the answer proper.
     """
 
-    def __init__(self, style: str) -> None:
-        self._style = style
+    def __init__(self, style: str, mode: str = "reference") -> None:
+        extract_response("", style, mode)  # rejects an unknown style or mode up front
+        self._mode = mode
         self._header = _response_header(style)
-        self._pending = ""  # everything seen before the answer proper started
-        self._started = False
+        self._tail = ""  # reference: the undecided end, a proper prefix of the header
+        self._pending = ""  # leading: everything seen before the header question is decided
+        self._decided = False  # leading: whether that question is settled
+        self._started = False  # whether the answer proper (after leading whitespace) began
         self._held_space = ""  # whitespace that may turn out to be trailing
 
-    def feed(self, text: str) -> str:
-        """The part of ``text`` that is certainly part of the answer."""
+    def _undecided_from(self, text: str) -> int:
+        """Where the suffix of ``text`` that may still grow into a header starts."""
+        for start in range(max(0, len(text) - len(self._header) + 1), len(text)):
+            if self._header.startswith(text[start:]):
+                return start
+        return len(text)
+
+    def _without_headers(self, text: str) -> str:
+        """Reference mode: ``text`` (after the held tail) with whole headers removed, less
+        a new undecided tail, which is kept for the next call."""
+        text = self._tail + text
+        kept = []
+        while (at := text.find(self._header)) >= 0:
+            kept.append(text[:at])
+            text = text[at + len(self._header) :]
+        cut = self._undecided_from(text)
+        kept.append(text[:cut])
+        self._tail = text[cut:]
+        return "".join(kept)
+
+    def _stripped(self, text: str) -> str:
+        """``text`` less leading whitespace of the answer and whitespace that may trail it."""
         if not self._started:
-            self._pending += text
-            rest = self._pending.lstrip()
-            if self._header.startswith(rest):  # empty, or maybe the start of a header
+            text = text.lstrip()
+            if not text:
                 return ""
-            if rest.startswith(self._header):
-                rest = rest[len(self._header) :].lstrip()
-                if not rest:
-                    return ""
             self._started = True
-            text = rest
         text = self._held_space + text
         body = text.rstrip()
         self._held_space = text[len(body) :]
         return body
 
+    def feed(self, text: str) -> str:
+        """The part of ``text`` that is certainly part of the answer."""
+        if self._mode == "reference":
+            return self._stripped(self._without_headers(text))
+        if not self._decided:
+            self._pending += text
+            rest = self._pending.lstrip()
+            if self._header.startswith(rest):  # empty, or maybe (all of) a header
+                return ""
+            self._decided = True
+            text = rest.removeprefix(self._header)
+        return self._stripped(text)
+
     def finish(self) -> str:
-        """What was held back but belongs to the answer (only if it never really started)."""
-        if self._started:
-            return ""
-        return extract_response(self._pending, self._style)
+        """What was held back but belongs to the answer; trailing whitespace is dropped."""
+        if self._mode == "reference":
+            text, self._tail = self._tail, ""  # never completed: not a header
+        elif not self._decided:
+            self._decided = True
+            text = self._pending.lstrip().removeprefix(self._header)
+        else:
+            text = ""
+        return self._stripped(text)
 
 
 class _AnswerPrinter:
     """Token callback that writes the cleaned answer to ``out`` as tokens arrive."""
 
-    def __init__(self, tokenizer: Tokenizer, style: str, out: TextIO) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, style: str, out: TextIO, mode: str = "reference"
+    ) -> None:
         self._tokenizer = tokenizer
         self._bytes = Utf8Stream()
-        self._text = ResponseStream(style)
+        self._text = ResponseStream(style, mode)
         self._out = out
         self.printed = ""
 
@@ -163,12 +206,14 @@ def _answer(
     entry: Entry,
     sampling: SamplingConfig,
     printer: _AnswerPrinter | None = None,
+    mode: str = "reference",
 ) -> str:
-    """The model's answer to one entry, optionally streamed through ``printer``."""
+    """The model's answer to one entry, optionally streamed through ``printer``; ``mode``
+    is :func:`extract_response`'s (the printer must have been made with the same)."""
     ids = _prompt_ids(model, tokenizer, style, entry, sampling.max_new_tokens)
     [new] = generate(model, [ids], eos_id=tokenizer.eot_id, sampling=sampling, on_token=printer)
     text = _token_bytes(tokenizer, new).decode("utf-8", errors="replace")
-    return extract_response(text, style)
+    return extract_response(text, style, mode)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingConfig:
@@ -233,11 +278,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if instruction is None or not instruction.strip() or instruction.strip() in QUIT_COMMANDS:
             return 0
         input_text = _read_line("Input (optional): ", interactive) or ""
-        printer = _AnswerPrinter(tokenizer, style, sys.stdout)
+        mode = args.response_extraction
+        printer = _AnswerPrinter(tokenizer, style, sys.stdout, mode)
         if interactive:
             sys.stdout.write("\n")
         try:
-            _answer(model, tokenizer, style, Entry(instruction, input_text, ""), sampling, printer)
+            entry = Entry(instruction, input_text, "")
+            _answer(model, tokenizer, style, entry, sampling, printer, mode)
         except KeyboardInterrupt:
             if not interactive:
                 raise
@@ -250,7 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     model, tokenizer, style = _load(args, sampling)
     entry = Entry(args.instruction, args.input, "")
-    response = _answer(model, tokenizer, style, entry, sampling)
+    response = _answer(model, tokenizer, style, entry, sampling, mode=args.response_extraction)
     if args.json:
         record = {"instruction": entry.instruction, "input": entry.input}
         print(json.dumps({**record, "model_response": response}, ensure_ascii=False))
@@ -321,6 +368,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--device", default="auto", help="torch device, e.g. cpu or cuda (default: cuda if present)"
+    )
+    parser.add_argument(
+        "--response-extraction",
+        choices=RESPONSE_EXTRACTIONS,
+        default="reference",
+        help="how the answer is cut from the generated text: reference (default) removes "
+        "every response header, as the reference does; leading only one before the answer",
     )
 
 

@@ -3,30 +3,47 @@
 Everything downstream (tokenisation, training, evaluation) trusts what this module returns,
 so bad input is rejected here with a message naming the file, the entry and the field,
 rather than surfacing later as a cryptic tensor or tokenizer error.
+
+Files are read with :mod:`gpt2_instruct.safe_json` (size, nesting-depth and number-length
+limits). Suspicious data is decided per case, so nothing is silently lost:
+
+* errors (the stage stops, one line naming the file, the entry and the field): a field
+  repeated in one entry with different values (JSON would keep only the last); a key that
+  differs from ``instruction``, ``input`` or ``output`` only by case, whitespace, ``_``/``-``
+  or one typo (``Input``, ``" output"``, ``inupt``: its text would be dropped); an
+  ``instruction`` or ``output`` that is blank after normalisation (nothing left once
+  whitespace, control characters such as U+0001 and invisible ones such as U+200B are
+  removed);
+* warnings (kept, printed on stderr by prepare and counted in ``metrics/prepare.json``,
+  see :class:`DataWarning`): a key repeated with the same value (``duplicate_key``) and a
+  non-empty ``input`` that is blank after normalisation (``blank_input``; kept as written,
+  so the prompt still gets its ``### Input:`` section).
 """
 
 from __future__ import annotations
 
-import codecs
-import json
 import os
 import random
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from gpt2_instruct.io import write_json
+from gpt2_instruct.safe_json import JSONError, duplicate_keys, read_json
 
 __all__ = [
     "PROMPT_STYLES",
+    "RESPONSE_EXTRACTIONS",
     "DataError",
+    "DataWarning",
     "Entry",
     "Split",
     "extract_response",
     "find_duplicates",
     "format_example",
     "format_prompt",
+    "is_blank",
     "load_entries",
     "overlap",
     "split_entries",
@@ -35,6 +52,8 @@ __all__ = [
 ]
 
 PROMPT_STYLES: tuple[str, ...] = ("alpaca", "phi3")
+# How extract_response cuts an answer: the reference's replace-all (default) or leading only.
+RESPONSE_EXTRACTIONS: tuple[str, ...] = ("reference", "leading")
 
 _ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
@@ -46,6 +65,21 @@ _PHI3_ASSISTANT_HEADER = "<|assistant|>"
 
 class DataError(ValueError):
     """Invalid instruction data; the message names the file, the entry and the problem."""
+
+
+@dataclass(frozen=True)
+class DataWarning:
+    """Suspicious but usable data: ``kind`` is ``duplicate_key`` or ``blank_input``."""
+
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+WARNING_KINDS: tuple[str, ...] = ("duplicate_key", "blank_input")
+FIELDS: tuple[str, ...] = ("instruction", "input", "output")
 
 
 @dataclass(frozen=True)
@@ -96,6 +130,87 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+# Code points that show nothing although Unicode does not class them as whitespace: the
+# Default_Ignorable_Code_Point ranges (zero-width spaces and joiners, fillers, variation
+# selectors, tags) and the blank Braille pattern. Control (Cc), format (Cf) and separator
+# (Z*) characters are found by category.
+_INVISIBLE_RANGES: tuple[tuple[int, int], ...] = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+    (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+    (0x2060, 0x206F), (0x2800, 0x2800), (0x3164, 0x3164), (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)  # fmt: skip
+
+
+def _invisible(char: str) -> bool:
+    if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Zs", "Zl", "Zp"):
+        return True
+    code = ord(char)
+    return any(low <= code <= high for low, high in _INVISIBLE_RANGES)
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` shows nothing: only whitespace, control and invisible characters."""
+    return all(_invisible(char) for char in text)
+
+
+def _key_shape(key: str) -> str:
+    """A key without case, invisible characters, ``_``, ``-`` or spaces, to spot near misses."""
+    return "".join(c for c in key.casefold() if not _invisible(c) and c not in "_-")
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether one insertion, deletion, substitution or swap of neighbours turns a into b."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diffs = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        return len(diffs) == 1 or (
+            len(diffs) == 2 and diffs[1] == diffs[0] + 1 and a[diffs[0]] == b[diffs[1]]
+            and a[diffs[1]] == b[diffs[0]]
+        )  # fmt: skip
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
+
+
+def _near_miss(key: str) -> str | None:
+    """The field ``key`` was probably meant to be (``Input``, ``" output"``, ``inupt``)."""
+    if key in FIELDS or len(key) > 40:
+        return None
+    shape = _key_shape(key)
+    for field in FIELDS:
+        if shape == field or _one_edit_apart(shape, field):
+            return field
+    return None
+
+
+def _shown(key: str) -> str:
+    return repr(key if len(key) <= 40 else key[:40] + "...")
+
+
+def _check_keys(item: dict[str, Any], where: str, warnings: list[DataWarning] | None) -> None:
+    """Reject near-miss field names and conflicting repeated keys; warn on harmless repeats."""
+    for key in item:
+        expected = _near_miss(key)
+        if expected is not None:
+            raise DataError(
+                f"{where}: field {_shown(key)} looks like a misspelt {expected!r} (names must "
+                "match exactly, case included): as written its text would be ignored"
+            )
+    for key, same in duplicate_keys(item):
+        if not same and key in FIELDS:
+            raise DataError(
+                f"{where}: field {_shown(key)} appears more than once with different values "
+                "(JSON keeps only the last)"
+            )
+        if warnings is not None:
+            what = "the same value" if same else "different values (an ignored field)"
+            warnings.append(
+                DataWarning("duplicate_key", f"{where}: field {_shown(key)} repeated with {what}")
+            )
+
+
 def _check_encodable(where: str, field: str, value: str) -> None:
     """Reject lone surrogates (from \\ud800-style escapes): they cannot be written or tokenised."""
     try:
@@ -119,6 +234,11 @@ def _required_text(item: dict[str, Any], field: str, where: str) -> str:
     if not value.strip():
         what = "an empty string" if value == "" else "a whitespace-only string"
         raise DataError(f"{where}: field {field!r} must be a non-empty string, got {what}")
+    if is_blank(value):
+        raise DataError(
+            f"{where}: field {field!r} must be a non-empty string, got only invisible "
+            f"characters (whitespace, control or zero-width, e.g. U+{ord(value.strip()[0]):04X})"
+        )
     _check_encodable(where, field, value)
     return value
 
@@ -136,11 +256,15 @@ def _optional_text(item: dict[str, Any], field: str, where: str) -> str:
     return value
 
 
-def validate_entries(raw: Any, source: str | os.PathLike[str]) -> list[Entry]:
+def validate_entries(
+    raw: Any, source: str | os.PathLike[str], warnings: list[DataWarning] | None = None
+) -> list[Entry]:
     """Turn parsed JSON into entries, or raise DataError naming ``source`` and the entry.
 
     ``instruction`` and ``output`` must be non-blank strings; ``input`` may be missing or
-    null (both mean ""). Unknown extra keys are ignored so richer Alpaca variants load.
+    null (both mean ""). Unknown extra keys are ignored so richer Alpaca variants load,
+    unless they look like a misspelt field (see the module doc, which also says what is an
+    error and what a warning). Warnings are appended to ``warnings`` when it is given.
     Strings are kept exactly as written (no stripping), so prompts are reproducible.
     """
     source = os.fspath(source)
@@ -155,54 +279,44 @@ def validate_entries(raw: Any, source: str | os.PathLike[str]) -> list[Entry]:
         where = f"{source}: entry {index}"
         if not isinstance(item, dict):
             raise DataError(f"{where}: must be a JSON object, got {_json_type(item)}")
-        entries.append(
-            Entry(
-                instruction=_required_text(item, "instruction", where),
-                input=_optional_text(item, "input", where),
-                output=_required_text(item, "output", where),
-            )
+        _check_keys(item, where, warnings)
+        entry = Entry(
+            instruction=_required_text(item, "instruction", where),
+            input=_optional_text(item, "input", where),
+            output=_required_text(item, "output", where),
         )
+        if entry.input and is_blank(entry.input) and warnings is not None:
+            warnings.append(
+                DataWarning(
+                    "blank_input",
+                    f"{where}: field 'input' is blank (only whitespace, control or zero-width "
+                    "characters) but not empty: kept, so the prompt has an empty-looking "
+                    "### Input: section",
+                )
+            )
+        entries.append(entry)
     return entries
 
 
-def _decode(data: bytes, source: str) -> str:
-    """Strict UTF-8 (a leading BOM is tolerated), reporting the first bad byte's offset."""
-    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return data[start:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = start + exc.start
-        raise DataError(
-            f"{source}: not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} "
-            f"({exc.reason})"
-        ) from None
-
-
-def load_entries(path: str | os.PathLike[str]) -> list[Entry]:
+def load_entries(
+    path: str | os.PathLike[str], warnings: list[DataWarning] | None = None
+) -> list[Entry]:
     """Read and validate a UTF-8 JSON list of Alpaca-style entries.
 
-    Every problem (unreadable, empty, not UTF-8, malformed or truncated JSON, wrong shape,
-    bad fields) raises DataError naming the file, plus the byte offset, line/column or
-    ``entry N`` and field as applicable. Text containing ``<|endoftext|>`` is accepted: it is
-    treated as plain text downstream (tokenised as ordinary characters, never as GPT-2's
-    end-of-text token), so it cannot truncate an example.
+    Every problem (unreadable, empty, too large, not UTF-8, malformed or truncated JSON,
+    nested too deep, absurdly long numbers, wrong shape, bad fields) raises DataError naming
+    the file, plus the byte offset, line/column or ``entry N`` and field as applicable.
+    Suspicious but usable data is appended to ``warnings`` (see the module doc). Text
+    containing ``<|endoftext|>`` is accepted: it is treated as plain text downstream
+    (tokenised as ordinary characters, never as GPT-2's end-of-text token), so it cannot
+    truncate an example.
     """
     source = os.fspath(path)
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise DataError(f"{source}: cannot read file: {exc.strerror or exc}") from exc
-    text = _decode(data, source)
-    if not text.strip():
-        raise DataError(f"{source}: file is empty")
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        hint = " (unexpected end of file: truncated?)" if exc.pos >= len(text.rstrip()) else ""
-        raise DataError(
-            f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}{hint}"
-        ) from None
-    return validate_entries(raw, source)
+        raw = read_json(path)
+    except JSONError as err:
+        raise DataError(str(err)) from None
+    return validate_entries(raw, source, warnings)
 
 
 def write_entries(path: str | os.PathLike[str], entries: Iterable[Entry]) -> None:
@@ -242,16 +356,25 @@ def format_example(entry: Entry, style: str = "alpaca") -> str:
     return format_prompt(entry, style) + entry.output
 
 
-def extract_response(generated_text: str, style: str = "alpaca") -> str:
+def extract_response(generated_text: str, style: str = "alpaca", mode: str = "reference") -> str:
     """The answer in a generated continuation (the text after the prompt).
 
-    Surrounding whitespace is stripped, as is a leading response header the model may
-    repeat ("### Response:" for alpaca, "<|assistant|>" for phi3), matching the reference's
-    ``.replace("### Response:", "").strip()`` for the usual case where the header leads.
-    Headers inside the answer are kept: they are part of what the model said.
+    The style's response header ("### Response:" for alpaca, "<|assistant|>" for phi3),
+    which a model may repeat, is removed and surrounding whitespace stripped:
+
+    * ``mode="reference"`` (default) is the reference's
+      ``.replace("### Response:", "").strip()``: every occurrence of the header goes,
+      wherever it is, then the whitespace around the result;
+    * ``mode="leading"`` strips, drops one leading header and strips again, keeping headers
+      inside the answer as part of what the model said.
     """
     _check_style(style)
+    if mode not in RESPONSE_EXTRACTIONS:
+        valid = ", ".join(repr(m) for m in RESPONSE_EXTRACTIONS)
+        raise ValueError(f"unknown response extraction {mode!r}; valid modes: {valid}")
     header = _ALPACA_RESPONSE_HEADER if style == "alpaca" else _PHI3_ASSISTANT_HEADER
+    if mode == "reference":
+        return generated_text.replace(header, "").strip()
     text = generated_text.strip()
     if text.startswith(header):
         text = text[len(header) :].strip()

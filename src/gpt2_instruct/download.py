@@ -1,43 +1,88 @@
 """Fetch pipeline inputs (data sets, weights) from a URL or a local path.
 
 Downloads are the least reliable step of the pipeline, so :func:`fetch` retries transient
-failures, detects truncated bodies, can verify a sha256 pin, and writes through
-:func:`gpt2_instruct.io.atomic_path` so an interrupted or failed download never leaves a
-partial file where DVC would cache it.
+failures, detects truncated bodies, can verify a sha256 pin and an exact size, and writes
+through :func:`gpt2_instruct.io.atomic_path` so an interrupted or failed download never
+leaves a partial file where DVC would cache it.
+
+Every download is bounded: the body may not exceed the pinned size (or ``max_bytes``),
+counted after Content-Encoding is decoded so a small gzip cannot expand without limit;
+``timeout`` bounds each connect and each read, and ``deadline_s`` the whole fetch (all
+attempts and waits): a watchdog shuts the connection down when it passes, which also
+stops a server that trickles its headers or body a few bytes at a time. Credentials in a
+URL (``https://user:password@host/``) never appear in a message: see :func:`redact`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import os
 import re
-import shutil
+import socket
+import threading
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import ProxyManager
 
-from gpt2_instruct.io import atomic_path, sha256_file
+from gpt2_instruct.io import atomic_path
 
-__all__ = ["DownloadError", "fetch", "is_remote", "local_path"]
+__all__ = [
+    "DEFAULT_DEADLINE_S",
+    "DEFAULT_MAX_BYTES",
+    "MAX_RETRIES",
+    "DownloadError",
+    "fetch",
+    "is_remote",
+    "local_path",
+    "redact",
+]
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_BYTES = 64 << 20  # a cap for callers that name none (None: no cap)
+DEFAULT_DEADLINE_S = 3600.0
+MAX_RETRIES = 20
+_MAX_BACKOFF_S = 60.0
 _CHUNK_SIZE = 1 << 16
 _REMOTE_SCHEMES = ("http", "https")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# The userinfo of any URL in a text: scheme://user:password@host -> scheme://***@host.
+_USERINFO_RE = re.compile(r"(?<=://)[^/?#\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``."""
+    return _USERINFO_RE.sub("***@", text)
 
 
 class DownloadError(RuntimeError):
-    """A source could not be fetched; the message names the source and the problem."""
+    """A source could not be fetched; the message names the source and the problem.
+
+    Credentials in URLs are redacted from the message, whoever builds it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 class _RetryableError(Exception):
     """Internal: a transient failure worth another attempt (the message says what happened)."""
+
+
+class _DeadlinePassed(Exception):
+    """Internal: the fetch's overall deadline passed (never retried)."""
 
 
 def is_remote(source: str) -> bool:
@@ -71,8 +116,35 @@ def _normalise_pin(source: str, sha256: str | None) -> str | None:
         return None
     pin = sha256.strip().lower()
     if not _SHA256_RE.match(pin):
-        raise ValueError(f"{source}: sha256 pin must be 64 hex digits, got {sha256!r}")
+        raise ValueError(f"{redact(source)}: sha256 pin must be 64 hex digits, got {sha256!r}")
     return pin
+
+
+def _check_limits(
+    source: str,
+    *,
+    size: int | None,
+    max_bytes: int | None,
+    timeout: float,
+    deadline_s: float,
+    retries: int,
+) -> None:
+    """Reject limits that would make a download unbounded (inf, nan, <= 0) before any work."""
+    where = redact(source)
+    for name, value in (("timeout", timeout), ("deadline_s", deadline_s)):
+        if isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"{where}: {name} must be a finite number of seconds > 0, got {value!r}"
+            )
+    for name, count in (("size", size), ("max_bytes", max_bytes)):
+        if count is not None and (
+            isinstance(count, bool) or not isinstance(count, int) or count <= 0
+        ):
+            raise ValueError(f"{where}: {name} must be a whole number of bytes > 0, got {count!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(
+            f"{where}: retries must be an integer in 0..{MAX_RETRIES}, got {retries!r}"
+        )
 
 
 def _check_pin(source: str, expected: str | None, actual: str) -> None:
@@ -81,18 +153,182 @@ def _check_pin(source: str, expected: str | None, actual: str) -> None:
         raise DownloadError(f"{source}: sha256 mismatch: expected {expected}, got {actual}")
 
 
-def _copy_local(source: str, path: Path, dest: Path, pin: str | None) -> None:
-    """Copy a local file to ``dest`` atomically, verifying the pin before it lands."""
+def _limit_text(size: int | None, cap: int | None) -> str:
+    """How the cap is described in messages: the pinned size or max_bytes."""
+    if size is not None:
+        return f"the pinned size of {size:,} bytes"
+    return f"the cap of {cap:,} bytes (max_bytes)"
+
+
+def _copy_local(
+    source: str, path: Path, dest: Path, pin: str | None, size: int | None, cap: int | None
+) -> None:
+    """Copy a local file to ``dest`` atomically, verifying size and pin before it lands."""
     if not path.exists():
         raise DownloadError(f"{source}: local file not found: {path}")
     if not path.is_file():
         raise DownloadError(f"{source}: not a regular file: {path}")
+    actual_size = path.stat().st_size
+    if cap is not None and actual_size > cap:
+        raise DownloadError(
+            f"{source}: {actual_size:,} bytes, larger than {_limit_text(size, cap)}"
+        )
     with atomic_path(dest) as tmp:
+        digest = hashlib.sha256()
+        copied = 0
         try:
-            shutil.copyfile(path, tmp)
+            with open(path, "rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    copied += len(chunk)
+                    if cap is not None and copied > cap:  # the file grew while we copied
+                        raise DownloadError(
+                            f"{source}: larger than {_limit_text(size, cap)} (still growing?)"
+                        )
+                    out.write(chunk)
+                    digest.update(chunk)
         except OSError as exc:
             raise DownloadError(f"{source}: cannot copy {path}: {exc}") from exc
-        _check_pin(source, pin, sha256_file(tmp))
+        _check_pin(source, pin, digest.hexdigest())  # before the size: it says more
+        if size is not None and copied != size:
+            raise DownloadError(
+                f"{source}: {copied:,} bytes, expected the pinned size of {size:,} bytes"
+            )
+
+
+# --- the overall deadline --------------------------------------------------------------
+#
+# ``requests``' timeout bounds each socket read, so a server that sends a byte every few
+# seconds is never timed out. The watchdog below keeps a duplicate of every socket a fetch
+# opens (a dup() stays valid when TLS wraps and detaches the original) and shuts them all
+# down when the deadline passes: the blocked read returns at once, whatever phase it is in.
+
+_active = threading.local()  # the watchdog of the fetch running in this thread
+
+
+class _Watchdog:
+    """Shuts down the sockets of one fetch when its deadline passes."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline_s = deadline_s
+        self.end = time.monotonic() + deadline_s
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(deadline_s, self._expire)
+        self._timer.daemon = True
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def passed(self) -> bool:
+        return self.expired or self.remaining() <= 0
+
+    def register(self, sock: socket.socket) -> None:
+        try:
+            dup = sock.dup()
+        except OSError:
+            return
+        with self._lock:
+            self._sockets.append(dup)
+            if not self.expired:
+                return
+        self._shutdown(dup)
+
+    def release(self) -> None:
+        """Close our duplicates (each attempt's connection is done with)."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shutdown(sock)
+
+    def __enter__(self) -> _Watchdog:
+        self._previous = getattr(_active, "watchdog", None)
+        _active.watchdog = self
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._timer.cancel()
+        _active.watchdog = self._previous
+        self.release()
+
+
+def _register(sock: socket.socket) -> None:
+    watchdog = getattr(_active, "watchdog", None)
+    if watchdog is not None:
+        watchdog.register(sock)
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _register(sock)
+        return sock
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _register(sock)
+        return sock
+
+
+class _WatchedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPConnectionPool, "https": _WatchedHTTPSConnectionPool}
+# Messages quote these classes' names ('HTTPConnectionPool(host=...)'): keep urllib3's.
+for _cls in (*_WATCHED_POOLS.values(), _WatchedHTTPConnection, _WatchedHTTPSConnection):
+    _cls.__name__ = _cls.__qualname__ = _cls.__name__.removeprefix("_Watched")
+del _cls
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """requests' adapter, with connections (direct or through an HTTP proxy) watched."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if type(manager) is ProxyManager:  # SOCKS keeps its own pools: checked between reads
+            manager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+        return manager
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    adapter = _WatchedAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+# --- HTTP ------------------------------------------------------------------------------
 
 
 def _progress_bar(enabled: bool, total: int | None, desc: str) -> Any:
@@ -117,38 +353,70 @@ def _expected_length(response: requests.Response) -> int | None:
 
 
 def _stream_body(
-    source: str, response: requests.Response, handle: IO[bytes], progress: bool
-) -> tuple[int, str]:
-    """Write the body to ``handle``; return (decoded bytes written, their sha256)."""
+    source: str,
+    response: requests.Response,
+    handle: IO[bytes],
+    *,
+    progress: bool,
+    cap: int | None,
+    limit: str,
+    watchdog: _Watchdog,
+    received: list[int],
+) -> str:
+    """Write the decoded body to ``handle`` (at most ``cap`` bytes); return its sha256.
+
+    ``received[0]`` counts the decoded bytes as they come, for the deadline's message.
+    """
     digest = hashlib.sha256()
-    written = 0
     bar = _progress_bar(progress, _expected_length(response), Path(urlsplit(source).path).name)
     try:
+        # iter_content decodes Content-Encoding; urllib3 hands out at most a chunk at a time,
+        # so the cap is checked on decoded bytes, one chunk past it at most.
         for chunk in response.iter_content(chunk_size=_CHUNK_SIZE):
+            if watchdog.passed():
+                raise _DeadlinePassed
             if not chunk:
                 continue
+            if cap is not None and received[0] + len(chunk) > cap:
+                raise DownloadError(
+                    f"{source}: body is larger than {limit}; stopped after "
+                    f"{received[0] + len(chunk):,} bytes"
+                )
             handle.write(chunk)
             digest.update(chunk)
-            written += len(chunk)
+            received[0] += len(chunk)
             if bar is not None:
                 bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
-    return written, digest.hexdigest()
+    return digest.hexdigest()
 
 
 def _attempt_http(
-    source: str, dest: Path, *, pin: str | None, timeout: float, progress: bool
+    session: requests.Session,
+    source: str,
+    dest: Path,
+    *,
+    pin: str | None,
+    size: int | None,
+    cap: int | None,
+    timeout: float,
+    progress: bool,
+    watchdog: _Watchdog,
+    received: list[int],
 ) -> None:
     """One download attempt into a temp file beside ``dest``.
 
-    Raises _RetryableError for transient failures and DownloadError for permanent ones;
-    either way the temp file is removed and ``dest`` is untouched.
+    Raises _RetryableError for transient failures, _DeadlinePassed when the deadline
+    passed, and DownloadError for permanent failures; either way the temp file is removed
+    and ``dest`` is untouched.
     """
+    limit = _limit_text(size, cap)
+    received[0] = 0
     try:
         with (
-            requests.get(source, stream=True, timeout=timeout) as response,
+            session.get(source, stream=True, timeout=timeout) as response,
             atomic_path(dest) as tmp,
         ):
             status = response.status_code
@@ -156,28 +424,62 @@ def _attempt_http(
                 raise _RetryableError(f"HTTP {status} {response.reason}")
             if status >= 400:
                 raise DownloadError(f"{source}: HTTP {status} {response.reason} (not retried)")
+            expected = _expected_length(response)
+            encoding = response.headers.get("Content-Encoding", "identity").lower().strip()
+            identity = encoding in ("", "identity")
+            if expected is not None and identity and cap is not None and expected > cap:
+                raise DownloadError(  # refused before reading a byte of the body
+                    f"{source}: Content-Length {expected:,} bytes is larger than {limit}"
+                )
             with open(tmp, "wb") as handle:
-                received, actual = _stream_body(source, response, handle, progress)
+                actual = _stream_body(
+                    source,
+                    response,
+                    handle,
+                    progress=progress,
+                    cap=cap,
+                    limit=limit,
+                    watchdog=watchdog,
+                    received=received,
+                )
                 handle.flush()
                 os.fsync(handle.fileno())
-            expected = _expected_length(response)
-            encoding = response.headers.get("Content-Encoding", "identity").lower()
-            if encoding not in ("", "identity"):
+            if watchdog.passed():  # the watchdog may have ended the body early
+                raise _DeadlinePassed
+            body_length = received[0]
+            if not identity:
                 # Content-Length counts the compressed bytes; compare with what came off the wire.
-                received = response.raw.tell()
-            if expected is not None and received != expected:
+                body_length = response.raw.tell()
+            if expected is not None and body_length != expected:
                 raise _RetryableError(
-                    f"truncated body: received {received} of {expected} bytes (Content-Length)"
+                    f"truncated body: received {body_length} of {expected} bytes (Content-Length)"
                 )
-            _check_pin(source, pin, actual)
-    except requests.Timeout as exc:
-        raise _RetryableError(f"timed out (timeout={timeout} s): {exc}") from exc
-    except requests.exceptions.ChunkedEncodingError as exc:
-        raise _RetryableError(f"connection broken mid-body: {exc}") from exc
-    except requests.ConnectionError as exc:
-        raise _RetryableError(f"connection failed: {exc}") from exc
+            _check_pin(source, pin, actual)  # before the size: it says more
+            if size is not None and received[0] != size:
+                raise DownloadError(
+                    f"{source}: {received[0]:,} bytes, expected the pinned size of {size:,} bytes"
+                )
+    except (_DeadlinePassed, DownloadError, _RetryableError):
+        if watchdog.passed():
+            raise _DeadlinePassed from None
+        raise
     except requests.RequestException as exc:
-        raise DownloadError(f"{source}: {type(exc).__name__}: {exc}") from exc
+        if watchdog.passed():
+            raise _DeadlinePassed from None
+        problem = redact(str(exc))
+        if isinstance(exc, requests.Timeout):
+            raise _RetryableError(f"timed out (timeout={timeout} s): {problem}") from exc
+        if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+            raise _RetryableError(f"connection broken mid-body: {problem}") from exc
+        if isinstance(exc, requests.ConnectionError):
+            raise _RetryableError(f"connection failed: {problem}") from exc
+        raise DownloadError(f"{source}: {type(exc).__name__}: {problem}") from exc
+    except OSError as exc:  # not wrapped by requests: the socket itself, or our disk
+        if watchdog.passed():
+            raise _DeadlinePassed from None
+        if isinstance(exc, ConnectionError | TimeoutError):
+            raise _RetryableError(f"connection failed: {redact(str(exc))}") from exc
+        raise DownloadError(f"{source}: cannot write {dest}: {exc}") from exc
 
 
 def fetch(
@@ -185,7 +487,10 @@ def fetch(
     dest: str | os.PathLike[str],
     *,
     sha256: str | None = None,
+    size: int | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
     timeout: float = 60.0,
+    deadline_s: float = DEFAULT_DEADLINE_S,
     retries: int = 3,
     backoff: float = 1.0,
     progress: bool = False,
@@ -193,39 +498,77 @@ def fetch(
     """Fetch ``source`` (http(s) URL, ``file://`` URL or local path) to ``dest``; return it.
 
     Transient HTTP failures (connection errors, timeouts, 5xx, 429, truncated bodies) are
-    retried up to ``retries`` extra times, sleeping ``backoff * 2**attempt`` seconds between
-    attempts; other 4xx statuses and sha256 mismatches fail at once. ``timeout`` bounds each
-    connect and each read, not the whole transfer. ``dest`` only ever holds a complete,
-    verified file: on any error nothing is written there and no temp file is left behind.
+    retried up to ``retries`` extra times (at most 20), sleeping ``backoff * 2**attempt``
+    seconds (at most 60) between attempts; other 4xx statuses, sha256 or size mismatches
+    and bodies over the cap fail at once. The body may hold at most ``size`` bytes when
+    that is pinned (and exactly that many), else at most ``max_bytes`` (None: no cap),
+    counted after Content-Encoding is decoded. ``timeout`` bounds each connect and each
+    read; ``deadline_s`` the whole fetch, retries and waits included. ``dest`` only ever
+    holds a complete, verified file: on any error nothing is written there and no temp
+    file is left behind. Messages never show a URL's ``user:password@``.
     """
     dest = Path(dest)
     pin = _normalise_pin(source, sha256)
-    if retries < 0:
-        raise ValueError(f"retries must be >= 0, got {retries}")
+    _check_limits(
+        source,
+        size=size,
+        max_bytes=max_bytes,
+        timeout=timeout,
+        deadline_s=deadline_s,
+        retries=retries,
+    )
+    cap = size if size is not None else max_bytes
     if dest.is_dir():
         raise DownloadError(f"{source}: destination {dest} is a directory")
 
     path = local_path(source)
     if path is not None:
-        _copy_local(source, path, dest, pin)
+        _copy_local(source, path, dest, pin, size, cap)
         return dest
 
+    shown = redact(source)
     last_problem = "no attempt made"
-    for attempt in range(retries + 1):
-        try:
-            _attempt_http(source, dest, pin=pin, timeout=timeout, progress=progress)
-            return dest
-        except _RetryableError as exc:
-            last_problem = str(exc)
+    received = [0]
+    attempts = retries + 1
+    with _Watchdog(deadline_s) as watchdog, _session() as session:
+        for attempt in range(attempts):
+            try:
+                _attempt_http(
+                    session,
+                    source,
+                    dest,
+                    pin=pin,
+                    size=size,
+                    cap=cap,
+                    timeout=timeout,
+                    progress=progress,
+                    watchdog=watchdog,
+                    received=received,
+                )
+                return dest
+            except _DeadlinePassed:
+                raise DownloadError(
+                    f"{shown}: gave up at the deadline of {deadline_s:g} s (deadline_s) in "
+                    f"attempt {attempt + 1} of {attempts}, {received[0]:,} bytes received"
+                ) from None
+            except _RetryableError as exc:
+                last_problem = redact(str(exc))
+            finally:
+                watchdog.release()
             if attempt < retries:
-                delay = backoff * 2**attempt
+                delay = min(backoff * 2**attempt, _MAX_BACKOFF_S)
+                if delay >= watchdog.remaining():
+                    raise DownloadError(
+                        f"{shown}: gave up at the deadline of {deadline_s:g} s (deadline_s) "
+                        f"after {attempt + 1} attempt(s): {last_problem}"
+                    )
                 log.warning(
                     "%s: attempt %d/%d failed (%s); retrying in %.2f s",
-                    source,
+                    shown,
                     attempt + 1,
-                    retries + 1,
+                    attempts,
                     last_problem,
                     delay,
                 )
                 time.sleep(delay)
-    raise DownloadError(f"{source}: failed after {retries + 1} attempt(s): {last_problem}")
+    raise DownloadError(f"{shown}: failed after {attempts} attempt(s): {last_problem}")

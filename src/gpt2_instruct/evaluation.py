@@ -29,7 +29,9 @@ from typing import Any
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import CHRF
 
+from gpt2_instruct.data import DataError
 from gpt2_instruct.io import atomic_path
+from gpt2_instruct.safe_json import JSONError, duplicate_keys, read_json
 
 ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
 """ROUGE variants scored; their names are also the row and summary keys."""
@@ -98,6 +100,77 @@ def chrf_corpus(predictions: Sequence[str], references: Sequence[str]) -> float:
             f"as references ({len(references)})"
         )
     return float(_chrf().corpus_score(list(predictions), [list(references)]).score)
+
+
+REQUIRED_FIELDS: tuple[str, ...] = ("output", "model_response")
+"""Fields every generated entry must have as strings (``instruction``/``input``: or null)."""
+
+
+def _kind(value: Any) -> str:
+    """A parsed JSON value's type as a data author names it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    return {dict: "object", list: "list", str: "string"}.get(type(value), type(value).__name__)
+
+
+def validate_responses(raw: Any, source: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Check parsed generated entries; raise DataError naming ``source``, the entry and field.
+
+    Each entry must be an object with string ``output`` and ``model_response`` (an empty
+    answer is allowed) and, when present, string or null ``instruction`` and ``input``;
+    a field repeated with different values, and text that cannot be written as UTF-8
+    (lone surrogates), are errors.
+    """
+    source = os.fspath(source)
+    if not isinstance(raw, list):
+        raise DataError(f"{source}: top level must be a JSON list of entries, got {_kind(raw)}")
+    if not raw:
+        raise DataError(f"{source}: contains no entries (empty list)")
+    for index, item in enumerate(raw):
+        where = f"{source}: entry {index}"
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: must be a JSON object, got {_kind(item)}")
+        for key, same in duplicate_keys(item):
+            if not same and key in ENTRY_FIELDS:
+                raise DataError(
+                    f"{where}: field {key!r} appears more than once with different values "
+                    "(JSON keeps only the last)"
+                )
+        for field in ENTRY_FIELDS:
+            required = field in REQUIRED_FIELDS
+            if field not in item:
+                if required:
+                    raise DataError(f"{where}: missing required field {field!r}")
+                continue
+            value = item[field]
+            if value is None and not required:
+                continue
+            if not isinstance(value, str):
+                allowed = "a string" if required else "a string or null"
+                raise DataError(f"{where}: field {field!r} must be {allowed}, got {_kind(value)}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DataError(
+                    f"{where}: field {field!r} contains an unpaired surrogate at character "
+                    f"{exc.start}"
+                ) from None
+    return raw
+
+
+def load_responses(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read and check the generate stage's answers (:func:`validate_responses`).
+
+    Unreadable, truncated, too deep or otherwise invalid JSON is a DataError naming the
+    file (and line and column), as is every entry-level problem.
+    """
+    try:
+        raw = read_json(path)
+    except JSONError as err:
+        raise DataError(str(err)) from None
+    return validate_responses(raw, path)
 
 
 def _checked_text(entry: Any, index: int, field: str) -> str:

@@ -2,18 +2,25 @@
 
 This mirrors the reference (LLMs-from-scratch ch07), which asks Llama 3 through Ollama to
 grade each test answer against the expected output. It is optional because it needs a
-running server: with ``backend="none"`` nothing is contacted, and when the server cannot
-be reached :func:`judge_entries` returns a summary with a ``judge_error`` instead of
-raising, so the evaluate stage still writes its offline metrics.
+running server: with ``backend="none"`` nothing is contacted. Server trouble never raises
+inside :func:`judge_entries`: every entry that could not be scored keeps its reason (see
+:data:`REASONS`), and the summary counts them, so the evaluate stage can write its offline
+metrics first and then fail with :class:`JudgeError` when nothing at all was scored.
+
+Nothing waits forever: ``timeout`` bounds each whole HTTP request (connecting, a server
+that never answers, one that trickles its reply a byte at a time), and ``deadline_s``
+bounds the whole run; entries left when it passes are marked ``deadline``.
 
 Everything that comes from entries or from the server is treated as untrusted data: entry
 text is substituted into the prompt template exactly once (never re-formatted), and the
-server's reply is only parsed for a number, truncated and stored; it never becomes a path,
-is never evaluated and never reaches another entry's prompt.
+server's reply is only accepted as a score when it is exactly an integer 0-100; otherwise
+it is kept, truncated, as data. It never becomes a path, is never evaluated and never
+reaches another entry's prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -21,14 +28,19 @@ import math
 import os
 import re
 import socket
+import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from string import Formatter
+from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
 
 from gpt2_instruct.data import Entry, format_prompt
 
@@ -37,9 +49,12 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "DEFAULT_URLS",
     "HISTOGRAM_BUCKETS",
+    "REASONS",
     "TEMPLATE_FIELDS",
     "JudgeConfig",
+    "JudgeError",
     "build_prompt",
+    "check_environment",
     "format_input",
     "judge_entries",
     "parse_score",
@@ -77,7 +92,21 @@ _MAX_CONSECUTIVE_UNREACHABLE = 3  # after the first success: the server went awa
 _FIRST_CALL_FATAL_STATUSES = (401, 403, 404)  # wrong key, URL or model: would repeat for all
 _SNIPPET_CHARS = 200
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_NUMBER_RE = re.compile(r"[0-9]+(?:\.([0-9]+))?")
+
+#: Why an entry has no score; each failed row's ``error`` starts with one of these, and
+#: the summary's ``judge_failed`` counts them.
+REASONS: dict[str, str] = {
+    "unreachable": "no connection to the server, or it closed one without replying",
+    "timeout": "no complete reply within `timeout` seconds (after all retries)",
+    "http_status": "the server answered with an HTTP error status",
+    "bad_reply": "the reply was not the backend's JSON with a text answer",
+    "unparseable": "the answer was not an integer 0-100 (the raw reply is kept)",
+    "deadline": "the run's `deadline_s` passed before the entry was judged",
+}
+
+
+class JudgeError(ValueError):
+    """The judge could not score any entry (or an API key is unusable); one clear line."""
 
 
 # --- configuration ----------------------------------------------------------------------
@@ -155,6 +184,39 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _redact(url: str) -> str:
+    """``url`` without a password (``user:secret@host`` -> ``user:***@host``), for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("@")[-1] if "@" in url else url
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
+
+
+def _check_url(url: Any) -> None:
+    """An http(s) URL with a host (and a valid port), no query, fragment or blanks."""
+    if not isinstance(url, str):
+        raise ValueError(f"judge url must be a string (an http(s) URL), got {url!r}")
+    shown = repr(_redact(url))
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ValueError(f"judge url must not contain blanks or control characters, got {shown}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ValueError(f"judge url is not a valid URL ({exc}), got {shown}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"judge url must be an http(s) URL, got {shown}")
+    if not parts.hostname:
+        raise ValueError(f"judge url must name a host, got {shown}")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ValueError(f"judge url must not have a query or fragment, got {shown}")
+
+
 @dataclass(frozen=True)
 class JudgeConfig:
     """How to reach the judge model; validated on construction so bad params fail early.
@@ -163,9 +225,12 @@ class JudgeConfig:
     base URL of an OpenAI-compatible API *including* its ``/v1`` (``/chat/completions`` is
     appended). The API key is never a parameter: it is read at call time from the
     environment variable named by ``api_key_env``, so it stays out of params.yaml, DVC
-    lock files and metrics. ``retries`` counts extra attempts after the first; attempt ``k``
-    waits ``backoff * 2**k`` seconds (capped at 60 s) before retrying. ``template`` None
-    means the reference prompt (:data:`DEFAULT_TEMPLATE`).
+    lock files and metrics. ``timeout`` bounds each whole request (not only each read);
+    ``retries`` counts extra attempts after the first; attempt ``k`` waits
+    ``backoff * 2**k`` seconds (capped at 60 s) before retrying. ``deadline_s`` bounds the
+    whole run: entries not judged by then are marked ``deadline``. ``template`` None means
+    the reference prompt (:data:`DEFAULT_TEMPLATE`). Messages name the field first (after
+    "judge "), so params.py can report them under ``evaluate.judge``.
     """
 
     backend: str = "none"
@@ -179,6 +244,7 @@ class JudgeConfig:
     num_ctx: int = 2048
     api_key_env: str = "OPENAI_API_KEY"
     template: str | None = None
+    deadline_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -188,16 +254,16 @@ class JudgeConfig:
         if self.url is None:
             object.__setattr__(self, "url", DEFAULT_URLS.get(self.backend))
         else:
-            parts = urlsplit(self.url) if isinstance(self.url, str) else None
-            if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"judge url must be an http(s) URL, got {self.url!r}")
-        for name in ("timeout", "backoff", "temperature"):
+            _check_url(self.url)
+        for name in ("timeout", "backoff", "temperature", "deadline_s"):
             value = getattr(self, name)
             if not _is_real(value):
                 raise ValueError(f"judge {name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))
         if self.timeout <= 0:
             raise ValueError(f"judge timeout must be > 0 seconds, got {self.timeout}")
+        if self.deadline_s <= 0:
+            raise ValueError(f"judge deadline_s must be > 0 seconds, got {self.deadline_s}")
         if self.backoff < 0:
             raise ValueError(f"judge backoff must be >= 0 seconds, got {self.backoff}")
         if self.temperature < 0:
@@ -268,26 +334,26 @@ def build_prompt(entry: Mapping[str, Any], template: str | None = None) -> str:
 
 
 def parse_score(reply: str) -> int | None:
-    """The first integer in ``reply`` if it lies in 0..100, else None.
+    """The score if ``reply`` is exactly an integer 0..100, else None (unparseable).
 
-    Judges are told to answer with the number only but often add words ("Score: 85",
-    "85/100", " 85."); those are accepted. A fractional first number (85.5) is not an
-    integer score and a negative or >100 one is out of range: both give None, as does text
-    with no number, so a sloppy judge shows up as unparseable instead of as a fake score.
+    Judges are told to "respond with the integer number only", so only that is accepted:
+    ASCII digits (leading zeros allowed), optionally followed by one period, with any
+    whitespace around them ("85", " 85.\n"). Anything else is unparseable, however close:
+    words ("Score: 85", "On a scale from 0 to 100, I give it 85."), a second number
+    ("85/100"), a sign, a fraction ("85.0"), an exponent ("1e309"), other scripts' digits
+    or a value above 100. The caller keeps such a reply raw, so a sloppy judge shows up as
+    ``unparseable`` instead of as a made-up score.
     """
     if not isinstance(reply, str):
         return None
-    match = _NUMBER_RE.search(reply)
-    if match is None:
+    text = reply.strip()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text or not text.isascii() or not text.isdigit():
         return None
-    start = match.start()
-    # A minus sign right before the number makes it negative, unless it is a range dash
-    # after a word or number ("0-100", "A-5").
-    negative = reply[start - 1 : start] == "-" and not reply[start - 2 : start - 1].isalnum()
-    fraction = match.group(1)
-    digits = match.group(0).split(".")[0].lstrip("0") or "0"
-    if negative or len(digits) > 3 or (fraction and fraction.strip("0")):
-        return None  # negative, huge (int() of a long string is slow/limited), fractional
+    digits = text.lstrip("0") or "0"
+    if len(digits) > 3:  # also keeps int() away from huge strings
+        return None
     score = int(digits)
     return score if score <= 100 else None
 
@@ -296,18 +362,21 @@ def parse_score(reply: str) -> int | None:
 
 
 class _Failure(Exception):
-    """Internal: one failed call; says whether to retry and whether the server is unreachable."""
+    """Internal: one failed call; its reason (:data:`REASONS`), whether to retry it, and
+    whether the server looks unreachable."""
 
     def __init__(
         self,
         message: str,
         *,
+        reason: str,
         retryable: bool,
         unreachable: bool = False,
         status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.reason = reason
         self.retryable = retryable
         self.unreachable = unreachable
         self.status = status
@@ -345,6 +414,122 @@ def _describe_connection_error(exc: BaseException) -> str:
     return text[:_SNIPPET_CHARS] or type(exc).__name__
 
 
+# requests' own timeout is per socket operation: a server that sends one byte every few
+# seconds would never trip it. So each request also runs under a watchdog that shuts its
+# sockets down when the request's overall time is up, which wakes a blocked read at once.
+# The sockets are found through urllib3's connection class (registered on connect and
+# before each response is read), for the calling thread's current request only.
+
+_current = threading.local()
+
+
+def _shut(sock: socket.socket) -> None:
+    # socket.socket.shutdown also for TLS sockets: SSLSocket.shutdown would drop its TLS
+    # state under a reader in another thread; this only ends the byte stream.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """Shuts down the sockets of the current thread's request once ``seconds`` have passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        _current.watchdog = self
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._timer.cancel()
+        _current.watchdog = None
+
+    def watch(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            if not self.fired:
+                self._sockets.append(sock)
+                return
+        _shut(sock)  # registered after the time was up: end it now
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shut(sock)
+
+
+def _watch(sock: socket.socket | None) -> None:
+    watchdog = getattr(_current, "watchdog", None)
+    if watchdog is not None:
+        watchdog.watch(sock)
+
+
+class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _watch(self.sock)
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:  # also for a reused connection
+        _watch(self.sock)
+        return super().getresponse(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        _watch(self.sock)
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        _watch(self.sock)
+        return super().getresponse(*args, **kwargs)
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """requests' adapter, with connections the request watchdog can shut down."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        if type(manager) is urllib3.ProxyManager:  # not SOCKS: it has its own pools
+            manager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+        return manager
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    adapter = _WatchedAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 def _read_body(response: requests.Response) -> bytes:
     """The whole body, refusing more than 1 MiB (the reply is data from another process)."""
     chunks: list[bytes] = []
@@ -352,17 +537,21 @@ def _read_body(response: requests.Response) -> bytes:
     for chunk in response.iter_content(chunk_size=1 << 16):
         size += len(chunk)
         if size > _MAX_BODY_BYTES:
-            raise _Failure(f"reply larger than {_MAX_BODY_BYTES} bytes; not read", retryable=False)
+            raise _Failure(
+                f"reply larger than {_MAX_BODY_BYTES} bytes; not read",
+                reason="bad_reply",
+                retryable=False,
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _post_once(
+def _exchange(
     session: requests.Session,
     url: str,
     payload: dict[str, Any],
     headers: dict[str, str],
-    timeout: float,
+    limit: float,
 ) -> Any:
     """One POST; returns the parsed JSON body or raises _Failure saying what went wrong."""
     try:
@@ -370,66 +559,134 @@ def _post_once(
             url,
             json=payload,
             headers=headers,
-            timeout=timeout,
+            timeout=limit,
             stream=True,
             allow_redirects=False,
         )
     except requests.ConnectTimeout as exc:
         raise _Failure(
-            f"connection timed out after {timeout:g} s", retryable=True, unreachable=True
+            f"connection timed out after {limit:g} s",
+            reason="unreachable",
+            retryable=True,
+            unreachable=True,
         ) from exc
     except requests.Timeout as exc:
-        raise _Failure(f"no reply within {timeout:g} s (timeout)", retryable=True) from exc
+        raise _Failure(
+            f"no reply within {limit:g} s (timeout)", reason="timeout", retryable=True
+        ) from exc
     except requests.exceptions.InvalidHeader as exc:
         # Its message would quote the header value, i.e. the API key: keep that out of logs.
-        raise _Failure("invalid request header (check the API key)", retryable=False) from exc
+        raise _Failure(
+            "invalid request header (check the API key)", reason="bad_reply", retryable=False
+        ) from exc
     except requests.ConnectionError as exc:
-        raise _Failure(_describe_connection_error(exc), retryable=True, unreachable=True) from exc
+        raise _Failure(
+            _describe_connection_error(exc),
+            reason="unreachable",
+            retryable=True,
+            unreachable=True,
+        ) from exc
     except (requests.RequestException, OSError, http.client.HTTPException) as exc:
-        raise _Failure(f"request failed: {type(exc).__name__}: {exc}", retryable=False) from exc
+        raise _Failure(
+            f"request failed: {type(exc).__name__}: {' '.join(str(exc).split())}",
+            reason="bad_reply",
+            retryable=False,
+        ) from exc
 
     with response:
         try:
             body = _read_body(response)
-        except requests.RequestException as exc:  # includes read timeouts mid-body
+        except requests.Timeout as exc:
+            raise _Failure(
+                f"reply not complete within {limit:g} s (timeout)",
+                reason="timeout",
+                retryable=True,
+            ) from exc
+        except (
+            requests.RequestException,
+            urllib3.exceptions.HTTPError,
+            http.client.HTTPException,
+            OSError,
+        ) as exc:
             raise _Failure(
                 f"connection broken while reading the reply: {type(exc).__name__}",
+                reason="bad_reply",
                 retryable=True,
             ) from exc
         status = response.status_code
         if status == 429 or status >= 500:
             raise _Failure(
-                f"HTTP {status} {response.reason}: {_snippet(body)}", retryable=True, status=status
+                f"HTTP {status} {response.reason}: {_snippet(body)}",
+                reason="http_status",
+                retryable=True,
+                status=status,
             )
         if not 200 <= status < 300:
             raise _Failure(
                 f"HTTP {status} {response.reason} (not retried): {_snippet(body)}",
+                reason="http_status",
                 retryable=False,
                 status=status,
             )
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
-        raise _Failure(f"reply is not valid JSON: {_snippet(body)}", retryable=False) from None
+        raise _Failure(
+            f"reply is not valid JSON: {_snippet(body)}", reason="bad_reply", retryable=False
+        ) from None
 
 
-def _post(
+def _post_once(
     session: requests.Session,
     url: str,
     payload: dict[str, Any],
     headers: dict[str, str],
-    config: JudgeConfig,
+    limit: float,
 ) -> Any:
-    """POST with retries for connection errors, timeouts, 429 and 5xx (never other 4xx)."""
-    for attempt in range(config.retries + 1):
+    """One POST that takes at most ``limit`` seconds in all, however the server behaves."""
+    with _Watchdog(limit) as watchdog:
         try:
-            return _post_once(session, url, payload, headers, config.timeout)
+            return _exchange(session, url, payload, headers, limit)
         except _Failure as failure:
-            if not failure.retryable or attempt == config.retries:
+            if not watchdog.fired:
+                raise
+            raise _Failure(
+                f"no complete reply within {limit:g} s (timeout)", reason="timeout", retryable=True
+            ) from failure
+
+
+def _post(
+    session: requests.Session,
+    request: _Request,
+    payload: dict[str, Any],
+    config: JudgeConfig,
+    run_deadline: float,
+) -> Any:
+    """POST with retries for connection errors, timeouts, 429 and 5xx (never other 4xx).
+
+    Each attempt takes at most ``config.timeout`` seconds, and none runs (or waits to
+    retry) past ``run_deadline`` (a ``time.monotonic()`` value).
+    """
+    for attempt in range(config.retries + 1):
+        remaining = run_deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Failure(_deadline_message(config), reason="deadline", retryable=False)
+        limit = min(config.timeout, remaining)
+        try:
+            return _post_once(session, request.url, payload, request.headers, limit)
+        except _Failure as failure:
+            if failure.reason == "timeout" and limit < config.timeout:
+                failure.reason = "deadline"  # cut short by the run's deadline
+                failure.message = f"{_deadline_message(config)} during the request"
+                failure.retryable = False
+            delay = min(config.backoff * 2**attempt, _MAX_BACKOFF_S)
+            no_time = time.monotonic() + delay >= run_deadline
+            if not failure.retryable or attempt == config.retries or no_time:
                 if attempt:
                     failure.message += f", after {attempt + 1} attempts"
+                if failure.retryable and attempt < config.retries:
+                    failure.message += "; no time left to retry before the run deadline"
                 raise
-            delay = min(config.backoff * 2**attempt, _MAX_BACKOFF_S)
             log.warning(
                 "judge: attempt %d/%d failed (%s); retrying in %.2f s",
                 attempt + 1,
@@ -439,6 +696,10 @@ def _post(
             )
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _deadline_message(config: JudgeConfig) -> str:
+    return f"run deadline of {config.deadline_s:g} s (judge deadline_s) reached"
 
 
 def _content(body: Any, path: Sequence[str | int]) -> str:
@@ -456,7 +717,7 @@ def _content(body: Any, path: Sequence[str | int]) -> str:
         if isinstance(node, str):
             return node
     where = "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in path)
-    raise _Failure(f"reply has no text at {where.lstrip('.')}", retryable=False)
+    raise _Failure(f"reply has no text at {where.lstrip('.')}", reason="bad_reply", retryable=False)
 
 
 def _api_key(config: JudgeConfig) -> str | None:
@@ -465,11 +726,21 @@ def _api_key(config: JudgeConfig) -> str | None:
     if not key:
         return None
     if not key.isascii() or not key.isprintable() or any(ch.isspace() for ch in key):
-        raise ValueError(
+        raise JudgeError(
             f"environment variable {config.api_key_env} holds an API key with characters "
             "not allowed in an HTTP header"
         )
     return key
+
+
+def check_environment(config: JudgeConfig) -> None:
+    """Raise :class:`JudgeError` now if the API key variable holds an unusable value.
+
+    :func:`judge_entries` would find it too, but only when it starts; a stage calls this
+    before its other work. Never contacts the server, and never shows the key.
+    """
+    if config.backend == "openai":
+        _api_key(config)
 
 
 @dataclass(frozen=True)
@@ -485,12 +756,13 @@ class _Request:
     @staticmethod
     def for_config(config: JudgeConfig) -> _Request:
         base = (config.url or "").rstrip("/")
+        shown = _redact(config.url or "")
         if config.backend == "ollama":
             return _Request(
                 url=f"{base}/api/chat",
                 headers={},
                 reply_path=("message", "content"),
-                server=f"Ollama at {config.url}",
+                server=f"Ollama at {shown}",
                 hint=f"start it with `ollama serve` and `ollama pull {config.model}`",
             )
         key = _api_key(config)
@@ -498,7 +770,7 @@ class _Request:
             url=f"{base}/chat/completions",
             headers={"Authorization": f"Bearer {key}"} if key else {},
             reply_path=("choices", 0, "message", "content"),
-            server=f"the OpenAI-compatible server at {config.url}",
+            server=f"the OpenAI-compatible server at {shown}",
             hint=(
                 "start the server or point the judge url at one (base URL including /v1), "
                 f"and set {config.api_key_env} if it needs a key"
@@ -553,18 +825,25 @@ def _clean_reply(text: str) -> str:
     return text[:_MAX_REPLY_CHARS].encode("utf-8", "replace").decode("utf-8")
 
 
+def _row(index: int, reason: str | None = None, message: str = "") -> dict[str, Any]:
+    """A result row; a failed one says why in ``error`` ("<reason>: <details>")."""
+    error = None if reason is None else f"{reason}: {message}"
+    return {"index": index, "score": None, "reply": "", "reason": reason, "error": error}
+
+
 def _summary(config: JudgeConfig, rows: list[dict[str, Any]], error: str | None) -> dict[str, Any]:
-    """Counts, mean and histogram of the parsed scores (``judge_error`` None when all ran)."""
+    """Counts, mean and histogram of the parsed scores, and the failures by reason."""
     scores = [row["score"] for row in rows if row["score"] is not None]
     histogram = dict.fromkeys(HISTOGRAM_BUCKETS, 0)
     for score in scores:
         histogram[HISTOGRAM_BUCKETS[min(score // 10, 9)]] += 1
+    failed = Counter(row["reason"] for row in rows if row["reason"] is not None)
     return {
         "judge_backend": config.backend,
         "judge_model": config.model,
         "judge_count": len(scores),
-        "judge_unparseable": sum(1 for r in rows if r["score"] is None and r["error"] is None),
-        "judge_failed": sum(1 for row in rows if row["error"] is not None),
+        "judge_unparseable": failed["unparseable"],
+        "judge_failed": {reason: failed[reason] for reason in REASONS if failed[reason]},
         "judge_mean": sum(scores) / len(scores) if scores else None,
         "judge_histogram": histogram,
         "judge_error": error,
@@ -577,24 +856,32 @@ def judge_entries(
     """Score each entry's ``model_response`` with the judge; return (rows, summary).
 
     Entries need ``instruction``, ``output`` and ``model_response`` strings (``input`` may be
-    missing or null). Each row is ``{"index", "score", "reply", "error"}``: ``score`` is an
-    int or None, ``reply`` the raw judge text (at most 2,000 characters), ``error`` a
-    transport/protocol error or None. A row with neither score nor error was unparseable.
+    missing or null). There is one row per entry, in order: ``{"index", "score", "reply",
+    "reason", "error"}``. ``score`` is an int 0-100 or None, ``reply`` the raw judge text (at
+    most 2,000 characters). An entry without a score has a ``reason`` (a key of
+    :data:`REASONS`: ``unreachable``, ``timeout``, ``http_status``, ``bad_reply``,
+    ``unparseable`` or ``deadline``) and an ``error`` "<reason>: <details>"; a scored one
+    has both None.
 
     The summary holds ``judge_backend``, ``judge_model``, ``judge_count`` (scored),
-    ``judge_unparseable``, ``judge_failed``, ``judge_mean`` (None without scores), a nested
+    ``judge_unparseable``, ``judge_failed`` (the unscored entries counted by reason, e.g.
+    ``{"timeout": 2, "unparseable": 3}``), ``judge_mean`` (None without scores), a nested
     ``judge_histogram`` of ten buckets ("0-9" ... "90-100"; ``dvc metrics`` flattens nested
-    dicts itself) and ``judge_error``. Server trouble never raises: if the first entry
-    cannot reach the server, or is refused with HTTP 401/403/404 (wrong key, URL or model,
-    which would repeat for every entry), judging stops with no rows and ``judge_error``
-    says how to fix it; if the server goes away later, judging stops after a few
-    consecutive connection failures, keeping the rows so far. ``backend="none"`` contacts
-    nothing. Bad entries or a bad API key variable raise ValueError.
+    dicts itself) and ``judge_error``: None, unless judging stopped early or nothing was
+    scored, when it says why in one line naming the server (and, with nothing scored, the
+    first entry's failure). Server trouble never raises: if the first entry cannot reach
+    the server, or is refused with HTTP 401/403/404 (wrong key, URL or model, which would
+    repeat for every entry), the other entries are not sent and get the same reason; so
+    are those left after a few consecutive connection failures, and those left when
+    ``config.deadline_s`` has passed (reason ``deadline``). ``backend="none"`` contacts
+    nothing and returns no rows. Bad entries raise ValueError, an unusable API key
+    variable :class:`JudgeError`.
     """
     _check_entries(entries)
     if not config.enabled or not entries:
         return [], _summary(config, [], None)
 
+    run_deadline = time.monotonic() + config.deadline_s
     request = _Request.for_config(config)
     rows: list[dict[str, Any]] = []
     error: str | None = None
@@ -605,16 +892,26 @@ def judge_entries(
 
         bar = tqdm(total=len(entries), desc="judge", unit="entry", leave=False)
     try:
-        with requests.Session() as session:
+        with _session() as session:
             for index, entry in enumerate(entries):
-                prompt = build_prompt(entry, config.template)
-                row: dict[str, Any] = {"index": index, "score": None, "reply": "", "error": None}
-                try:
-                    body = _post(
-                        session, request.url, _payload(config, prompt), request.headers, config
+                if time.monotonic() >= run_deadline:
+                    cut_short = sum(1 for row in rows if row["reason"] == "deadline")
+                    left = len(entries) - index + cut_short
+                    error = (
+                        f"{_deadline_message(config)} with {request.server}; {left} of "
+                        f"{len(entries)} entries not judged"
                     )
+                    rows += [
+                        _row(i, "deadline", f"not sent: {_deadline_message(config)}")
+                        for i in range(index, len(entries))
+                    ]
+                    break
+                prompt = build_prompt(entry, config.template)
+                try:
+                    body = _post(session, request, _payload(config, prompt), config, run_deadline)
                     text = _content(body, request.reply_path)
                 except _Failure as failure:
+                    rows.append(_row(index, failure.reason, failure.message))
                     first = index == 0
                     if first and failure.unreachable:
                         error = (
@@ -625,29 +922,40 @@ def judge_entries(
                             f"{request.server} refused the first request ({failure.message}); "
                             f"check the judge model {config.model!r}, url and key; {request.hint}"
                         )
-                    if error is not None:
-                        rows = []
-                        break
-                    row["error"] = failure.message
                     unreachable_streak = unreachable_streak + 1 if failure.unreachable else 0
-                    rows.append(row)
-                    if unreachable_streak >= _MAX_CONSECUTIVE_UNREACHABLE:
+                    if error is None and unreachable_streak >= _MAX_CONSECUTIVE_UNREACHABLE:
                         error = (
                             f"lost contact with {request.server} ({failure.message}); stopped "
                             f"after {unreachable_streak} consecutive connection failures, "
                             f"{len(entries) - index - 1} of {len(entries)} entries not judged"
                         )
+                    if error is not None:
+                        rows += [
+                            _row(i, failure.reason, f"not sent: judging stopped at entry {index}")
+                            for i in range(index + 1, len(entries))
+                        ]
                         break
                 else:
                     unreachable_streak = 0
+                    row = _row(index)
                     row["reply"] = _clean_reply(text)
                     row["score"] = parse_score(text)
+                    if row["score"] is None:
+                        row["reason"] = "unparseable"
+                        row["error"] = f"unparseable: not an integer 0-100: {_snippet(text)}"
                     rows.append(row)
                 if bar is not None:
                     bar.update(1)
     finally:
         if bar is not None:
             bar.close()
+    scored = any(row["score"] is not None for row in rows)
+    if error is None and not scored:
+        first_failure = rows[0]  # rows is not empty: every entry has one
+        error = (
+            f"{request.server} scored none of the {len(entries)} entries; first failure "
+            f"(entry {first_failure['index']}): {first_failure['error']}"
+        )
     if error is not None:
         log.warning("judge: %s", error)
     return rows, _summary(config, rows, error)

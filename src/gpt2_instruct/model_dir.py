@@ -6,17 +6,18 @@ read it back through ``load_instruct_model``, which checks every file before loa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from gpt2_instruct.data import PROMPT_STYLES
 from gpt2_instruct.model import GPTModel
+from gpt2_instruct.safe_json import JSONError, read_json
 from gpt2_instruct.tokenizer import ENCODER_JSON, VOCAB_BPE, Tokenizer, load_tokenizer
 from gpt2_instruct.weights import (
     CONFIG_KEY,
     CONFIG_NAME,
+    MAX_CONFIG_BYTES,
     WEIGHTS_NAME,
     WeightsError,
     load_model,
@@ -34,11 +35,9 @@ def _prompt_style(model_dir: Path) -> str:
     """The prompt style recorded at training time; models saved without one used alpaca."""
     path = model_dir / CONFIG_NAME
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelDirError(
-            f"model directory {model_dir}: cannot read {CONFIG_NAME} ({err})"
-        ) from err
+        config = read_json(path, max_bytes=MAX_CONFIG_BYTES, duplicates="error")
+    except JSONError as err:
+        raise ModelDirError(f"model directory {model_dir}: {err}") from err
     extra = config.get(CONFIG_KEY, {}) if isinstance(config, dict) else {}
     if not isinstance(extra, dict):
         raise ModelDirError(f"{path}: {CONFIG_KEY!r} must be a JSON object")

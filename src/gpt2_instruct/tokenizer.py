@@ -7,14 +7,16 @@ tokenizing works offline and is a tracked dependency of the stages.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PATTERN  # GPT-2's split regex
 
+from gpt2_instruct.safe_json import read_json
+
 ENDOFTEXT = "<|endoftext|>"
+MAX_MERGES_BYTES = 8 * 1024 * 1024  # GPT-2's vocab.bpe is 456,318 bytes
 ENCODER_JSON = "encoder.json"
 VOCAB_BPE = "vocab.bpe"
 # tiktoken's pins for OpenAI's published GPT-2 encoding files.
@@ -72,6 +74,23 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return decoder
 
 
+class TokenizerError(ValueError):
+    """BPE files that are missing, malformed or disagree with each other."""
+
+
+def _read_merges(merges_path: Path) -> list[str]:
+    """``vocab.bpe``'s merge lines (the first line is a version), size-capped and strict UTF-8."""
+    with merges_path.open("rb") as handle:
+        data = handle.read(MAX_MERGES_BYTES + 1)
+    if len(data) > MAX_MERGES_BYTES:
+        raise TokenizerError(f"{merges_path}: larger than {MAX_MERGES_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TokenizerError(f"{merges_path}: not valid UTF-8 ({err.reason})") from None
+    return [line for line in text.split("\n")[1:] if line]
+
+
 def _mergeable_ranks(encoding_dir: Path) -> dict[bytes, int]:
     """Token bytes -> rank from ``encoder.json``, checked against the merges in ``vocab.bpe``.
 
@@ -85,30 +104,32 @@ def _mergeable_ranks(encoding_dir: Path) -> dict[bytes, int]:
         try:
             return bytes(byte_decoder[ch] for ch in token)
         except KeyError as err:
-            raise ValueError(f"{source}: token {token!r} is not GPT-2 byte-level text") from err
+            raise TokenizerError(f"{source}: token {token!r} is not GPT-2 byte-level text") from err
 
-    encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
+    encoder = read_json(encoder_path, duplicates="error")
     if not isinstance(encoder, dict):
-        raise ValueError(f"{encoder_path}: expected a JSON object of token -> id")
+        raise TokenizerError(f"{encoder_path}: expected a JSON object of token -> id")
     encoder.pop(ENDOFTEXT, None)
+    bad = next((t for t, i in encoder.items() if type(i) is not int), None)
+    if bad is not None:
+        raise TokenizerError(f"{encoder_path}: entry {bad!r}: the id must be an integer")
     ranks = {to_bytes(token, encoder_path): rank for token, rank in encoder.items()}
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{encoder_path}: token ids are not 0..{len(ranks) - 1} without gaps")
+        raise TokenizerError(f"{encoder_path}: token ids are not 0..{len(ranks) - 1} without gaps")
     single_bytes = sorted(token for token, rank in ranks.items() if rank < 256)
     if single_bytes != [bytes([b]) for b in range(256)]:
-        raise ValueError(f"{encoder_path}: ids 0..255 must be the 256 single bytes")
+        raise TokenizerError(f"{encoder_path}: ids 0..255 must be the 256 single bytes")
 
-    merges = merges_path.read_text(encoding="utf-8").split("\n")[1:]  # first line: version
-    merges = [line for line in merges if line]
+    merges = _read_merges(merges_path)
     if len(merges) != len(ranks) - 256:
-        raise ValueError(
+        raise TokenizerError(
             f"{merges_path}: {len(merges)} merges, but {encoder_path} has {len(ranks) - 256}"
         )
     for line_no, line in enumerate(merges, start=2):
         parts = line.split()
         merged = b"".join(to_bytes(p, merges_path) for p in parts)
         if len(parts) != 2 or ranks.get(merged) != 256 + line_no - 2:
-            raise ValueError(
+            raise TokenizerError(
                 f"{merges_path}: line {line_no} ({line!r}) disagrees with {encoder_path}"
             )
     return ranks
@@ -122,7 +143,7 @@ def load_tokenizer(encoding_dir: str | Path) -> Tokenizer:
     encoding_dir = Path(encoding_dir)
     for name in (ENCODER_JSON, VOCAB_BPE):
         if not (encoding_dir / name).is_file():
-            raise FileNotFoundError(f"{encoding_dir / name}: BPE file not found")
+            raise TokenizerError(f"{encoding_dir / name}: BPE file not found")
     ranks = _mergeable_ranks(encoding_dir)
     encoding = tiktoken.Encoding(
         name="gpt2-local",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 
 from gpt2_instruct import evaluation, plots
 from gpt2_instruct.batching import TokenizedSplit, collate
+from gpt2_instruct.data import DataError
 from gpt2_instruct.devices import resolve_device
 from gpt2_instruct.io import write_json
 from gpt2_instruct.model import GPTModel
@@ -52,15 +54,29 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score every answer: its loss under the model, overlap with the reference, a judge.
 
-    The offline scores need no server; the judge (``params.judge``) is optional, and a
-    judge that cannot be reached leaves the offline metrics intact.
+    The offline scores need no server; the judge (``params.judge``) is optional. Each
+    entry's judge score, failure reason (``judge_error``) and raw reply go to the per-entry
+    CSV, the counts to the metrics. When a judge is set but scored no entry at all, the
+    offline metrics, CSV and plots are still written, and then ``JudgeError`` is raised
+    (the stage exits 1), so DVC does not cache the run as a success and a later
+    ``dvc repro`` with the server up judges again. A partly scored run succeeds.
     """
-    entries = json.loads(responses.read_text(encoding="utf-8"))
-    device = resolve_device(params.device)
-    model, tokenizer, _ = load_instruct_model(model_dir, device=device)
+    judge_cfg = None
+    if params.judge.backend != "none":
+        from gpt2_instruct.judge import JudgeConfig, check_environment
+
+        judge_cfg = JudgeConfig.from_dict(dataclasses.asdict(params.judge))
+        check_environment(judge_cfg)  # an unusable API key fails before any work
+    entries = evaluation.load_responses(responses)  # checked before the model loads
     test = TokenizedSplit.load(tokenized / "test.safetensors")
     if len(entries) > len(test):
-        raise ValueError(f"{responses}: {len(entries)} entries but the test split has {len(test)}")
+        raise DataError(
+            f"{responses}: {len(entries)} entries but the test split has {len(test)} "
+            f"({tokenized / 'test.safetensors'}): answers to other data? (rerun generate)"
+        )
+    device = resolve_device(params.device)
+    model, tokenizer, _ = load_instruct_model(model_dir, device=device)
+    test.check_ids(tokenized / "test.safetensors", model.config.vocab_size)
     losses = response_losses(
         model, test, pad_id=tokenizer.eot_id, batch_size=params.batch_size, limit=len(entries)
     )
@@ -68,25 +84,23 @@ def evaluate(
     summary = dict(summary)
 
     plots_dir.mkdir(parents=True, exist_ok=True)
-    if params.judge.backend != "none":
-        from gpt2_instruct.judge import JudgeConfig, judge_entries
+    judged_nothing = None
+    if judge_cfg is not None:
+        from gpt2_instruct.judge import JudgeError, judge_entries
 
-        judge_cfg = JudgeConfig(
-            backend=params.judge.backend,
-            model=params.judge.model,
-            url=params.judge.url,
-            timeout=params.judge.timeout,
-            retries=params.judge.retries,
-            template=params.judge.template,
-            api_key_env=params.judge.api_key_env,
-        )
         judged, judge_summary = judge_entries(entries, judge_cfg, progress=True)
-        verdicts = {verdict["index"]: verdict for verdict in judged}  # may stop early
+        verdicts = {verdict["index"]: verdict for verdict in judged}
         for row in rows:
             verdict = verdicts.get(row["index"], {})
             row["judge_score"] = verdict.get("score")
+            row["judge_error"] = verdict.get("error") or ""
             row["judge_reply"] = verdict.get("reply", "")
         summary.update(judge_summary)
+        if judge_summary["judge_count"] == 0:
+            judged_nothing = JudgeError(
+                f"the judge scored none of the {len(entries)} entries, so the stage fails "
+                f"(offline metrics written to {metrics}): {judge_summary['judge_error']}"
+            )
         scores = [row["judge_score"] for row in rows if row["judge_score"] is not None]
         if scores:
             plots.plot_score_histogram(
@@ -99,4 +113,6 @@ def evaluate(
     plots.plot_per_entry_scores(rouge, plots_dir / "rougeL_per_entry.png", label="ROUGE-L F1")
     write_json(metrics, summary)
     log(f"evaluate: {json.dumps(summary)}")
+    if judged_nothing is not None:
+        raise judged_nothing
     return summary

@@ -11,7 +11,7 @@ from gpt2_instruct.devices import resolve_device
 from gpt2_instruct.generation import SamplingConfig, generate
 from gpt2_instruct.io import write_json
 from gpt2_instruct.model_dir import load_instruct_model
-from gpt2_instruct.params import GenerateParams
+from gpt2_instruct.params import GenerateParams, ParamsError
 from gpt2_instruct.stages import log
 
 ALPACA_RESPONSE_HEADER = "\n\n### Response:\n"
@@ -33,9 +33,15 @@ def generate_responses(
     The metrics say how many answers ended with ``<|endoftext|>`` and how many were cut
     at ``max_new_tokens``: a fine-tune that never learned to stop shows there at once.
     """
+    entries = load_entries(test_json)  # checked before the model loads
     device = resolve_device(params.device)
     model, tokenizer, style = load_instruct_model(model_dir, device=device)
-    entries = load_entries(test_json)
+    context = model.config.context_length
+    if params.max_new_tokens >= context:  # params.py checks it for hub/random models
+        raise ParamsError(
+            f"generate.max_new_tokens ({params.max_new_tokens}) must be below the context "
+            f"length of the model in {model_dir} ({context})"
+        )
     if params.limit is not None:
         entries = entries[: params.limit]
     prompts = [
@@ -60,7 +66,8 @@ def generate_responses(
         )
         for i, ids in zip(batch, outputs, strict=True):
             answer_tokens.append(len(ids))
-            answers[i] = extract_response(tokenizer.decode(ids), style)
+            text = tokenizer.decode(ids)
+            answers[i] = extract_response(text, style, params.response_extraction)
         log(f"generate: {len(answers)}/{len(entries)} answers")
     seconds = time.perf_counter() - started
     results = [{**e.to_dict(), "model_response": answers[i]} for i, e in enumerate(entries)]

@@ -7,7 +7,9 @@ from typing import Any
 
 from gpt2_instruct.data import (
     SPLITS,
+    WARNING_KINDS,
     DataError,
+    DataWarning,
     find_duplicates,
     load_entries,
     overlap,
@@ -18,10 +20,21 @@ from gpt2_instruct.io import atomic_dir, write_json
 from gpt2_instruct.params import PrepareParams
 from gpt2_instruct.stages import log
 
+SHOWN_WARNINGS = 20  # warnings printed on stderr; all are counted in the metrics
+
 
 def prepare(params: PrepareParams, raw: Path, out_dir: Path, metrics: Path) -> dict[str, Any]:
-    """Validate, split and write train/val/test; report duplicates and overlap (not fatal)."""
-    entries = load_entries(raw)
+    """Validate, split and write train/val/test; report duplicates and overlap (not fatal).
+
+    Data warnings (``data.DataWarning``: a key repeated with the same value, a blank
+    ``input``) go to stderr (the first 20) and are counted in the metrics.
+    """
+    warnings: list[DataWarning] = []
+    entries = load_entries(raw, warnings)
+    for warning in warnings[:SHOWN_WARNINGS]:
+        log(f"prepare: WARNING: {warning}")
+    if len(warnings) > SHOWN_WARNINGS:
+        log(f"prepare: WARNING: ... and {len(warnings) - SHOWN_WARNINGS} more warnings")
     try:
         split = split_entries(
             entries,
@@ -41,6 +54,8 @@ def prepare(params: PrepareParams, raw: Path, out_dir: Path, metrics: Path) -> d
         "duplicate_pairs": len(find_duplicates(entries)),
         "test_prompts_seen_in_train": overlap(split.train, split.test),
         "val_prompts_seen_in_train": overlap(split.train, split.val),
+        "warnings": len(warnings),
+        **{f"warnings_{kind}": sum(w.kind == kind for w in warnings) for kind in WARNING_KINDS},
     }
     write_json(metrics, report)
     log(f"prepare: {report}")
