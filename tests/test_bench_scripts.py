@@ -12,10 +12,13 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 GPT2_SMALL = ["--model", "gpt2-small", "--synthetic", "--threads", "2"]
@@ -86,3 +89,44 @@ def test_op_breakdown_accounts_for_a_training_step() -> None:
     positive(result, "ops_ms", "products_ms", "products_gflops", "peak_fp32_gflops")
     assert result["products_ms"] <= result["ops_ms"] <= result["timed_wall_ms"]
     assert 0 < result["products_share"] <= 1
+
+
+NO_CUDA = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="a GPU is here: bench/gpu_check.py would run its ~8 minutes of checks",
+)
+
+
+@NO_CUDA
+def test_gpu_check_ends_at_once_without_cuda() -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no CUDA" in done.stdout.splitlines()[0]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "gpu_check" and result["skipped"] == "no CUDA"
+    assert time.monotonic() - started < 60  # the time to import torch, no more
+
+
+@NO_CUDA
+def test_cuda_tests_are_all_skipped_cleanly_without_cuda(tmp_path: Path) -> None:
+    """``pytest -m cuda tests/test_cuda.py``: every test collected, every one skipped."""
+    junit = tmp_path / "junit.xml"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q",
+            "-p", "no:cacheprovider", f"--junitxml={junit}",
+        ],
+        cwd=BENCH.parent, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cases = list(ElementTree.parse(junit).getroot().iter("testcase"))
+    assert len(cases) >= 10
+    for case in cases:
+        skipped = case.find("skipped")
+        assert skipped is not None, f"{case.get('name')} was not skipped"
+        assert skipped.get("type") == "pytest.skip", case.get("name")
+        assert "CUDA" in (skipped.get("message") or ""), case.get("name")

@@ -7,6 +7,7 @@ as training, clean streaming of split UTF-8 characters and clear errors.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from gpt2_instruct.data import Entry, extract_response, format_prompt
 from gpt2_instruct.generation import SamplingConfig, generate
 from gpt2_instruct.model import GPTConfig, GPTModel
 from gpt2_instruct.model_dir import ModelDirError, load_instruct_model
+from gpt2_instruct.params import GenerateParams, SamplingParams
 from gpt2_instruct.tokenizer import load_tokenizer
 from gpt2_instruct.weights import save_model
 
@@ -218,6 +220,38 @@ def test_bad_options_fail_without_traceback(
     assert "context length (64)" in err
     assert cli.main([]) == 2
     assert cli.main(["--help"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--temperature", "nan", "temperature must be >= 0, got nan"),
+        ("--top-k", "0", "top_k must be >= 1"),
+        ("--top-p", "1.5", "top_p must be in (0, 1]"),
+        ("--top-p", "0", "top_p must be in (0, 1]"),
+        ("--max-new-tokens", "0", "max_new_tokens must be in 1..1023"),
+        ("--max-new-tokens", "5000", "max_new_tokens must be in 1..1023"),
+        ("--seed", "-1", "seed must be in 0.."),
+    ],
+)
+def test_options_are_checked_by_the_params_rules(
+    model_dir: Path, capsys: pytest.CaptureFixture[str], option: str, value: str, message: str
+) -> None:
+    """Each sampling option fails, before the model loads, with the generate params' message."""
+    code, _, err = _run(capsys, *_gen_args(model_dir, "Hi", option, value))
+    assert code == 2
+    assert f"argument {option}: {message}" in err
+    assert "Traceback" not in err
+
+
+def test_option_defaults_are_the_generate_params_defaults() -> None:
+    defaults = GenerateParams()
+    for argv in (["chat", "--model", "m"], ["generate", "--model", "m", "--instruction", "x"]):
+        args = cli.build_parser().parse_args(argv)
+        for name in (f.name for f in dataclasses.fields(SamplingParams)):
+            assert getattr(args, name) == getattr(defaults, name), (argv[0], name)
+        assert args.device == defaults.device
+        assert args.response_extraction == defaults.response_extraction
 
 
 def test_module_entry_point_runs(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from gpt2_instruct import download
+from gpt2_instruct.deadline import Watchdog, redact, watched_session
 from gpt2_instruct.download import DownloadError, fetch, is_remote, local_path
 from gpt2_instruct.io import is_temp_name
 from gpt2_instruct.model import GPTConfig, GPTModel
@@ -500,6 +501,38 @@ def test_trickling_server_is_stopped_by_the_deadline(
     assert leftovers(tmp_path) == []
 
 
+def test_the_watchdog_also_ends_a_request_on_a_kept_alive_connection() -> None:
+    """A connection opened before the watchdog (reused from the pool) is watched too."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    replied = threading.Event()
+
+    def serve() -> None:  # answers the first request, then never the second
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            replied.set()
+            conn.recv(65536)
+            time.sleep(10)
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{port}/x"
+    try:
+        with watched_session() as session:
+            session.trust_env = False  # no proxy between us and 127.0.0.1
+            assert session.get(url, timeout=30).content == b"ok"
+            assert replied.is_set()
+            start = time.monotonic()
+            with Watchdog(0.5) as watchdog, pytest.raises(OSError):
+                session.get(url, timeout=30)  # requests' errors are OSErrors too
+            elapsed = time.monotonic() - start
+    finally:
+        listener.close()
+    assert watchdog.expired
+    assert 0.4 < elapsed < 5, elapsed  # the deadline, not the 30 s read timeout
+
+
 def test_deadline_covers_retries_and_their_waits(
     server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -546,6 +579,7 @@ def test_unbounded_limits_rejected_before_any_work(
         ("download:\n  max_bytes: 0\n", ["download", "max_bytes"]),
         ("download:\n  size: 0\n", ["download", "size"]),
         ("download:\n  size: 100\n  max_bytes: 10\n", ["download", "size", "max_bytes"]),
+        ("download:\n  sha256: abc\n", ["download", "sha256", "64 hex digits"]),
         ("fetch_gpt2:\n  timeout: .inf\n", ["fetch_gpt2", "timeout", "finite"]),
         ("fetch_gpt2:\n  timeout: .nan\n", ["fetch_gpt2", "timeout", "finite"]),
         ("fetch_gpt2:\n  deadline_s: .inf\n", ["fetch_gpt2", "deadline_s"]),
@@ -609,7 +643,7 @@ def test_password_in_a_url_never_appears_in_messages(
     with pytest.raises(ValueError) as err:
         fetch(url, tmp_path / "x.json", sha256="nothex")
     assert secret not in str(err.value)
-    assert download.redact(f"see https://u:{secret}@h/a and http://v@h/b") == (
+    assert redact(f"see https://u:{secret}@h/a and http://v@h/b") == (
         "see https://***@h/a and http://***@h/b"
     )
 

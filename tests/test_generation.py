@@ -41,7 +41,7 @@ def test_batched_cached_greedy_equals_uncached(model: GPTModel) -> None:
 
 
 def test_twelve_rows_decode_like_one(model: GPTModel) -> None:
-    """At 8 to 32 rows the decode step's products run weight-first (``model.linear``);
+    """At 8 to 32 rows the decode step's products run weight-first (``cpu.linear``);
     as rows finish the batch falls below 8 and they run as F.linear again."""
     prompts = [[(t * 7 + shift) % 50 for t in p] for shift in range(3) for p in PROMPTS]
     free = generate(model, prompts, eos_id=-1, sampling=SamplingConfig(max_new_tokens=12))

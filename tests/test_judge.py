@@ -25,8 +25,8 @@ from gpt2_instruct.judge import (
     DEFAULT_TEMPLATE,
     HISTOGRAM_BUCKETS,
     REASONS,
-    JudgeConfig,
     JudgeError,
+    base_url,
     build_prompt,
     format_input,
     judge_entries,
@@ -157,14 +157,14 @@ def make_entries(n: int) -> list[dict[str, Any]]:
     ]
 
 
-def ollama(fake: FakeServer, **kwargs: Any) -> JudgeConfig:
+def ollama(fake: FakeServer, **kwargs: Any) -> JudgeParams:
     kwargs.setdefault("backoff", 0.0)
-    return JudgeConfig(backend="ollama", url=fake.url, **kwargs)
+    return JudgeParams(backend="ollama", url=fake.url, **kwargs)
 
 
-def openai(fake: FakeServer, **kwargs: Any) -> JudgeConfig:
+def openai(fake: FakeServer, **kwargs: Any) -> JudgeParams:
     kwargs.setdefault("backoff", 0.0)
-    return JudgeConfig(backend="openai", url=f"{fake.url}/v1", **kwargs)
+    return JudgeParams(backend="openai", url=f"{fake.url}/v1", **kwargs)
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -247,8 +247,8 @@ def test_entry_text_with_braces_is_inserted_literally() -> None:
     ],
 )
 def test_bad_templates_are_rejected(template: str, message: str) -> None:
-    with pytest.raises(ValueError, match="judge template") as info:
-        JudgeConfig(backend="ollama", template=template)
+    with pytest.raises(ValueError, match=r"^template") as info:
+        JudgeParams(backend="ollama", template=template)
     assert message in str(info.value)
 
 
@@ -256,11 +256,12 @@ def test_bad_templates_are_rejected(template: str, message: str) -> None:
 
 
 def test_config_defaults_and_validation() -> None:
-    assert JudgeConfig().backend == "none"
-    assert not JudgeConfig().enabled
-    assert JudgeConfig(backend="ollama").url == "http://localhost:11434"
-    assert JudgeConfig(backend="openai").url == "http://localhost:8000/v1"
-    config = JudgeConfig(backend="ollama", timeout=5, backoff=0)
+    assert JudgeParams().backend == "none"
+    assert not JudgeParams().enabled
+    assert base_url(JudgeParams(backend="ollama")) == "http://localhost:11434"
+    assert base_url(JudgeParams(backend="openai")) == "http://localhost:8000/v1"
+    assert JudgeParams(backend="openai").url is None  # the params say what was written
+    config = JudgeParams(backend="ollama", timeout=5, backoff=0)
     assert isinstance(config.timeout, float)
     assert (config.model, config.retries, config.seed, config.num_ctx) == ("llama3", 2, 123, 2048)
     assert config.temperature == 0.0
@@ -292,27 +293,48 @@ def test_config_defaults_and_validation() -> None:
     ]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
-            JudgeConfig(**{"backend": "ollama", **kwargs})
+            JudgeParams(**{"backend": "ollama", **kwargs})
 
 
 def test_url_password_never_appears_in_messages() -> None:
-    with pytest.raises(ValueError, match=r"ftp://user:\*\*\*@host") as info:
-        JudgeConfig(backend="ollama", url="ftp://user:s3cret@host")
-    assert "s3cret" not in str(info.value)
+    with pytest.raises(ValueError, match=r"ftp://\*\*\*@host") as info:
+        JudgeParams(backend="ollama", url="ftp://user:s3cret@host")
+    assert "s3cret" not in str(info.value) and "user" not in str(info.value)
     url = f"http://user:s3cret@127.0.0.1:{free_port()}"
-    config = JudgeConfig(backend="ollama", url=url, retries=0)
+    config = JudgeParams(backend="ollama", url=url, retries=0)
     rows, summary = judge_entries(make_entries(1), config)
-    assert "s3cret" not in summary["judge_error"] and "user:***@127.0.0.1" in summary["judge_error"]
+    assert "s3cret" not in summary["judge_error"] and "//***@127.0.0.1" in summary["judge_error"]
     assert "s3cret" not in rows[0]["error"]
 
 
-def test_judge_params_build_the_config_in_one_call() -> None:
-    """Every JudgeParams field is a JudgeConfig field with the same default (no drift)."""
-    params = JudgeParams()
-    config = JudgeConfig.from_dict(dataclasses.asdict(params))
-    for name, value in dataclasses.asdict(params).items():
-        assert getattr(config, name) == value, name
-    assert config.deadline_s == 1800.0
+def test_the_judge_takes_the_params_themselves(tmp_path: Path) -> None:
+    """One definition of the judge's settings: params.JudgeParams, no copy in judge.py."""
+    from gpt2_instruct import judge
+
+    own_settings = [
+        name
+        for name, value in vars(judge).items()
+        if isinstance(value, type)
+        and dataclasses.is_dataclass(value)
+        and value.__module__ == judge.__name__
+        and "timeout" in {f.name for f in dataclasses.fields(value)}
+    ]
+    assert own_settings == [] and not hasattr(judge, "JudgeConfig")
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "evaluate:\n  judge:\n    backend: openai\n    model: m\n    timeout: 3\n"
+        "    backoff: 0\n    temperature: 0.5\n    seed: 7\n    num_ctx: 4096\n"
+    )
+    params = load_params(path).evaluate.judge
+    assert isinstance(params, JudgeParams)
+    assert (params.backend, params.model, params.timeout, params.backoff) == (
+        "openai",
+        "m",
+        3.0,
+        0.0,
+    )
+    assert (params.temperature, params.seed, params.num_ctx) == (0.5, 7, 4096)
+    assert params.deadline_s == JudgeParams().deadline_s == 1800.0
 
 
 @pytest.mark.parametrize(
@@ -366,17 +388,22 @@ def test_bad_judge_params_stop_the_stage_before_any_work(
     )
 
 
-def test_config_from_dict() -> None:
-    config = JudgeConfig.from_dict({"backend": "openai", "model": "m", "timeout": 3})
-    assert (config.backend, config.model, config.timeout) == ("openai", "m", 3.0)
-    with pytest.raises(ValueError, match=r"unknown judge params \['modle'\]"):
-        JudgeConfig.from_dict({"modle": "x"})
-    with pytest.raises(ValueError, match="api_key_env"):
-        JudgeConfig.from_dict({"backend": "openai", "api_key": "sk-123"})
+def test_unknown_judge_keys_fail_and_an_api_key_is_sent_to_the_environment(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("evaluate:\n  judge:\n    modle: x\n")
+    with pytest.raises(ParamsError, match=r"evaluate.judge: unknown key\(s\) \['modle'\]"):
+        load_params(path)
+    path.write_text("evaluate:\n  judge:\n    backend: openai\n    api_key: sk-123\n")
+    with pytest.raises(ParamsError, match=r"unknown key\(s\) \['api_key'\] \(api_key: ") as info:
+        load_params(path)
+    assert "environment variable" in str(info.value) and "api_key_env" in str(info.value)
+    assert "sk-123" not in str(info.value)
 
 
 def test_backend_none_contacts_nothing() -> None:
-    rows, summary = judge_entries(make_entries(3), JudgeConfig())
+    rows, summary = judge_entries(make_entries(3), JudgeParams())
     assert rows == []
     assert summary["judge_backend"] == "none"
     assert summary["judge_count"] == 0
@@ -591,7 +618,7 @@ def test_slow_reply_times_out_and_counts_as_failed(server: FakeServer) -> None:
 @pytest.mark.parametrize("backend", ["ollama", "openai"])
 def test_connection_refused_gives_judge_error(backend: str) -> None:
     url = f"http://127.0.0.1:{free_port()}" + ("/v1" if backend == "openai" else "")
-    config = JudgeConfig(backend=backend, url=url, retries=1, backoff=0.0)
+    config = JudgeParams(backend=backend, url=url, retries=1, backoff=0.0)
     rows, summary = judge_entries(make_entries(3), config)
     assert [row["reason"] for row in rows] == ["unreachable"] * 3
     assert "connection refused" in rows[0]["error"]
@@ -706,7 +733,7 @@ def bounded(seconds: float, call: Callable[[], Any]) -> tuple[Any, float]:
 
 def test_a_server_that_never_answers_is_given_up_on_per_request() -> None:
     with raw_server(silent) as url:
-        config = JudgeConfig(backend="ollama", url=url, timeout=0.3, retries=2, backoff=0.0)
+        config = JudgeParams(backend="ollama", url=url, timeout=0.3, retries=2, backoff=0.0)
         (rows, summary), elapsed = bounded(5, lambda: judge_entries(make_entries(1), config))
     assert 0.8 < elapsed < 2.5  # three attempts of 0.3 s each
     assert rows[0]["reason"] == "timeout"
@@ -720,7 +747,7 @@ def test_a_server_that_never_answers_is_given_up_on_per_request() -> None:
 def test_a_trickling_server_is_given_up_on_within_the_timeout(prefix: bytes, backend: str) -> None:
     # A byte every 0.1 s never trips a per-read timeout of 0.6 s: only an overall limit helps.
     with raw_server(trickle(prefix, 0.1)) as url:
-        config = JudgeConfig(
+        config = JudgeParams(
             backend=backend,
             url=url + ("/v1" if backend == "openai" else ""),
             timeout=0.6,
@@ -735,7 +762,7 @@ def test_a_trickling_server_is_given_up_on_within_the_timeout(prefix: bytes, bac
 
 def test_the_run_deadline_marks_the_entries_left() -> None:
     with raw_server(silent) as url:
-        config = JudgeConfig(
+        config = JudgeParams(
             backend="ollama", url=url, timeout=0.3, retries=0, backoff=0.0, deadline_s=1.0
         )
         (rows, summary), elapsed = bounded(5, lambda: judge_entries(make_entries(20), config))

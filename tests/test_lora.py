@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2_instruct.cpu import Linear
 from gpt2_instruct.lora import (
     LORA_TARGETS,
     LoRAHeadDelta,
@@ -21,7 +22,7 @@ from gpt2_instruct.lora import (
     merge_lora,
     trainable_parameters,
 )
-from gpt2_instruct.model import GPTConfig, GPTModel, Linear
+from gpt2_instruct.model import GPTConfig, GPTModel
 from gpt2_instruct.weights import load_model, save_model
 
 CONFIG = GPTConfig(vocab_size=40, context_length=12, n_embd=16, n_layer=2, n_head=2)

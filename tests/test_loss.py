@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gpt2_instruct.model import IGNORE_INDEX, GPTConfig, GPTModel, Packing, _CrossEntropy
+from gpt2_instruct.loss import IGNORE_INDEX, Packing, _CrossEntropy
+from gpt2_instruct.model import GPTConfig, GPTModel
 
 K, V = 13, 211
 

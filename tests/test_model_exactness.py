@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gpt2_instruct.model import GPT2_CONFIGS, GPTConfig, GPTModel, linear
+from gpt2_instruct.cpu import linear
+from gpt2_instruct.model import GPT2_CONFIGS, GPTConfig, GPTModel
 from gpt2_instruct.weights import load_model, save_model
 
 transformers = pytest.importorskip("transformers")
@@ -122,7 +123,7 @@ def test_bf16_training_on_cpu_takes_the_math_attention_kernel_with_the_same_grad
         return attn.qkv.weight.grad.clone()
 
     exact, ours = qkv_grad("fp32"), qkv_grad("bf16")
-    monkeypatch.setattr(model_module, "_attention_backend", lambda q: contextlib.nullcontext())
+    monkeypatch.setattr(model_module, "attention_backend", lambda q: contextlib.nullcontext())
     default = qkv_grad("bf16")  # SDPA's own choice: the flash kernel
     assert not torch.equal(ours, default)  # another kernel ran ...
     for bf16 in (ours, default):  # ... and both are bf16 roundings of the same gradient
@@ -230,7 +231,7 @@ def test_bf16_rows_rounded_up_give_the_same_loss_and_gradients(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The zero rows are sliced off the result and add nothing to a weight's gradient."""
-    from gpt2_instruct import model as model_module
+    from gpt2_instruct import cpu
 
     model, x, y = _ragged_batch()
 
@@ -242,7 +243,7 @@ def test_bf16_rows_rounded_up_give_the_same_loss_and_gradients(
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     padded_loss, padded = loss_and_grads()
-    monkeypatch.setattr(model_module, "_BF16_ROW_MULTIPLE", 1)  # every row count is a multiple
+    monkeypatch.setattr(cpu, "_BF16_ROW_MULTIPLE", 1)  # every row count is a multiple
     loss, grads = loss_and_grads()
     torch.testing.assert_close(padded_loss, loss)
     for name, grad in grads.items():
@@ -253,7 +254,7 @@ def test_bf16_rows_rounded_up_give_the_same_loss_and_gradients(
 
 _FIRST_VECTOR_MATH = """
 import torch
-import gpt2_instruct.model  # settles MKL's vector math on one thread
+import gpt2_instruct.model  # imports gpt2_instruct.cpu, which settles MKL's vector math
 torch.set_num_threads(2)
 torch.randn(448, 768) @ torch.randn(768, 3072)  # MKL's threaded product first
 x = torch.linspace(-20, 0, 4_000_000)
@@ -262,7 +263,7 @@ print(((torch.exp(x) - torch.exp(x.double()).float()).abs() / torch.exp(x.double
 
 
 def test_vector_math_is_as_accurate_in_every_process() -> None:
-    """Without ``_settle_vector_math`` the first two-thread ``exp`` after an MKL product was
+    """Without ``cpu.settle_vector_math`` the first two-thread ``exp`` after an MKL product was
     up to 1.5e-4 off in about 1 process in 8 here, for the life of the process (this test
     then fails with probability ~0.75); with it, every process gets exp to the last bit."""
     import subprocess

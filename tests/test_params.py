@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -167,6 +168,60 @@ def test_literal_values_checked_and_valid_ones_listed(tmp_path):
     )
 
 
+def test_literal_choices_are_the_modules_own_constants():
+    """Each set of choices is written once: the Literal types and the tuples agree."""
+    import typing
+
+    from gpt2_instruct import data, lora, optim
+    from gpt2_instruct.params import (
+        JUDGE_BACKENDS,
+        GenerateParams,
+        JudgeParams,
+        LoRAParams,
+    )
+
+    def choices(cls, name):
+        return typing.get_args(typing.get_type_hints(cls)[name])
+
+    assert choices(TokenizeParams, "prompt_style") == data.PROMPT_STYLES
+    assert choices(GenerateParams, "response_extraction") == data.RESPONSE_EXTRACTIONS
+    assert choices(FinetuneParams, "lr_schedule") == optim.SCHEDULES
+    assert choices(JudgeParams, "backend") == JUDGE_BACKENDS == ("none", "ollama", "openai")
+    assert set(LoRAParams().targets) < set(lora.LORA_TARGETS)
+    message = _error_text(lambda: LoRAParams(targets=("ff_fc", "mlp")))
+    assert f"valid: {list(lora.LORA_TARGETS)}" in message
+
+
+def test_sampling_knobs_are_defined_once_for_the_stage_the_decoder_and_the_cli():
+    from gpt2_instruct import cli, generation
+    from gpt2_instruct.params import GenerateParams, SamplingParams
+
+    assert generation.SamplingConfig is SamplingParams
+    assert issubclass(GenerateParams, SamplingParams)  # the stage passes its params as they are
+    sampling = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert sampling == {"max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+    assert sampling < {f.name for f in dataclasses.fields(GenerateParams)}
+    assert GenerateParams() == cli.DEFAULTS
+    for key, bad in (("max_new_tokens", 0), ("temperature", -1.0), ("top_k", 0), ("top_p", 0.0)):
+        alone = _error_text(functools.partial(SamplingParams, **{key: bad}))
+        assert alone.startswith(f"{key} must be"), alone
+        assert _error_text(functools.partial(GenerateParams, **{key: bad})) == alone
+
+
+def test_download_pin_is_checked_before_any_work(tmp_path):
+    message = _error(tmp_path, "download:\n  sha256: not-a-hash\n")
+    assert "download: sha256 must be 64 hex digits or null" in message
+    pin = "AB" * 32  # upper case and blanks around it: normalised, as sha256sum prints it
+    params = load_params(_write(tmp_path, f"download:\n  sha256: ' {pin} '\n"))
+    assert params.download.sha256 == "ab" * 32
+
+
+def _error_text(build) -> str:
+    with pytest.raises(ValueError) as info:
+        build()
+    return str(info.value)
+
+
 def test_string_field_rejects_a_number(tmp_path):
     assert "fetch_gpt2.model" in _error(tmp_path, "fetch_gpt2:\n  model: 2\n")
 
@@ -280,9 +335,10 @@ def test_stage_scripts_default_to_the_paths_in_dvc_yaml():
 
 
 # Modules that cannot change what a stage writes: arguments and params, device and memory
-# settings, atomic writes, the bounded JSON reader (json.loads' values or an error), and the
-# stages' frame (``gpt2_instruct.stages``'s __init__).
-PLUMBING = {"params", "io", "devices", "safe_json", "stages"}
+# settings, atomic writes, the bounded JSON reader (json.loads' values or an error), the
+# deadline on HTTP requests (it can end a request, never change a byte that is kept) with
+# the redaction of URLs in messages, and the stages' frame (``gpt2_instruct.stages``).
+PLUMBING = {"params", "io", "devices", "safe_json", "deadline", "stages"}
 PACKAGE = REPO_ROOT / "src" / "gpt2_instruct"
 
 

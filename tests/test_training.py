@@ -197,9 +197,9 @@ def test_bf16_evaluation_casts_each_weight_once_and_reports_the_same_losses() ->
             return sum(trainer.model.loss(x, y).item() for x, y in batches) / len(batches)
 
     trainer.model.eval()
-    assert trainer._fixed_train_batches is not None
-    assert train_loss == recast_each_batch(trainer._fixed_train_batches)
-    assert val_loss == recast_each_batch(trainer._val_batches)
+    assert trainer.schedule.fixed_train_batches is not None
+    assert train_loss == recast_each_batch(trainer.schedule.fixed_train_batches)
+    assert val_loss == recast_each_batch(trainer.schedule.val_batches)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import json
 import sys
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
 from gpt2_instruct.data import RESPONSE_EXTRACTIONS, Entry, extract_response, format_prompt
 from gpt2_instruct.devices import resolve_device
-from gpt2_instruct.generation import SamplingConfig, generate
+from gpt2_instruct.generation import generate
 from gpt2_instruct.model import GPTModel
 from gpt2_instruct.model_dir import load_instruct_model
+from gpt2_instruct.params import GenerateParams, SamplingParams
 from gpt2_instruct.tokenizer import Tokenizer
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
 
 PROG = "gpt2-instruct"
 QUIT_COMMANDS = frozenset({"/quit"})
+DEFAULTS = GenerateParams()  # the options' defaults are the generate stage's params'
 
 
 # --- streaming output ----------------------------------------------------------------------
@@ -204,7 +210,7 @@ def _answer(
     tokenizer: Tokenizer,
     style: str,
     entry: Entry,
-    sampling: SamplingConfig,
+    sampling: SamplingParams,
     printer: _AnswerPrinter | None = None,
     mode: str = "reference",
 ) -> str:
@@ -216,14 +222,10 @@ def _answer(
     return extract_response(text, style, mode)
 
 
-def _sampling(args: argparse.Namespace) -> SamplingConfig:
-    """Sampling options, validated before the (slow) model load."""
-    return SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    """The sampling options (each already checked by its ``--option``'s type)."""
+    return SamplingParams(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)}
     )
 
 
@@ -235,7 +237,7 @@ def _device(name: str) -> torch.device:
         raise ValueError(f"--{err}") from None
 
 
-def _load(args: argparse.Namespace, sampling: SamplingConfig) -> tuple[GPTModel, Tokenizer, str]:
+def _load(args: argparse.Namespace, sampling: SamplingParams) -> tuple[GPTModel, Tokenizer, str]:
     """Load the model and reject an answer length its context cannot hold before any prompt."""
     model, tokenizer, style = load_instruct_model(args.model, device=_device(args.device))
     context = model.config.context_length
@@ -317,28 +319,22 @@ def _number(text: str, kind: type[int] | type[float]) -> int | float:
         raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
 
 
-def _non_negative_float(text: str) -> float:
-    """Temperature: 0 means greedy, and NaN must not slip through as "not negative"."""
-    value = float(_number(text, float))
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def _param(name: str) -> Callable[[str], Any]:
+    """The argparse type of the option for ``GenerateParams.name``: the text parsed as the
+    field's type, then checked by the params' own rule, before the (slow) model load."""
+    hint = typing.get_type_hints(GenerateParams)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: an X here
+        [hint] = [arg for arg in typing.get_args(hint) if arg is not type(None)]
 
+    def parse(text: str) -> Any:
+        value = _number(text, hint)
+        try:
+            dataclasses.replace(DEFAULTS, **{name: value})
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
 
-def _positive_int(text: str) -> int:
-    """Counts (top-k, new tokens) below 1 make no sense; reject them before loading."""
-    value = int(_number(text, int))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    """top-p is a probability mass: 0 would keep no token at all."""
-    value = float(_number(text, float))
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    return parse
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -351,30 +347,43 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--temperature",
-        type=_non_negative_float,
-        default=0.0,
-        help="sampling temperature; 0 (default) is greedy decoding",
+        type=_param("temperature"),
+        default=DEFAULTS.temperature,
+        help="sampling temperature; 0 is greedy decoding (default %(default)s)",
     )
-    parser.add_argument("--top-k", type=_positive_int, default=None, help="keep the k best tokens")
     parser.add_argument(
-        "--top-p", type=_probability, default=None, help="nucleus sampling probability mass"
+        "--top-k", type=_param("top_k"), default=DEFAULTS.top_k, help="keep the k best tokens"
     )
-    parser.add_argument("--seed", type=int, default=123, help="sampling seed (default 123)")
+    parser.add_argument(
+        "--top-p",
+        type=_param("top_p"),
+        default=DEFAULTS.top_p,
+        help="nucleus sampling probability mass",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_param("seed"),
+        default=DEFAULTS.seed,
+        help="sampling seed (default %(default)s)",
+    )
     parser.add_argument(
         "--max-new-tokens",
-        type=_positive_int,
-        default=256,
-        help="most tokens per answer (default 256)",
+        type=_param("max_new_tokens"),
+        default=DEFAULTS.max_new_tokens,
+        help="most tokens per answer (default %(default)s)",
     )
     parser.add_argument(
-        "--device", default="auto", help="torch device, e.g. cpu or cuda (default: cuda if present)"
+        "--device",
+        default=DEFAULTS.device,
+        help="torch device, e.g. cpu or cuda (default %(default)s: cuda if present)",
     )
     parser.add_argument(
         "--response-extraction",
         choices=RESPONSE_EXTRACTIONS,
-        default="reference",
-        help="how the answer is cut from the generated text: reference (default) removes "
-        "every response header, as the reference does; leading only one before the answer",
+        default=DEFAULTS.response_extraction,
+        help="how the answer is cut from the generated text: reference removes every "
+        "response header, as the reference does; leading only one before the answer "
+        "(default %(default)s)",
     )
 
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import os
 import random
+import typing
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from gpt2_instruct.io import write_json
 from gpt2_instruct.safe_json import JSONError, duplicate_keys, read_json
@@ -38,6 +39,8 @@ __all__ = [
     "DataError",
     "DataWarning",
     "Entry",
+    "PromptStyle",
+    "ResponseExtraction",
     "Split",
     "extract_response",
     "find_duplicates",
@@ -51,9 +54,13 @@ __all__ = [
     "write_entries",
 ]
 
-PROMPT_STYLES: tuple[str, ...] = ("alpaca", "phi3")
+# The choices are written once, as Literal types (params.py's types for the params.yaml
+# keys tokenize.prompt_style and generate.response_extraction); the tuples derive from them.
+PromptStyle = Literal["alpaca", "phi3"]
+PROMPT_STYLES: tuple[str, ...] = typing.get_args(PromptStyle)
 # How extract_response cuts an answer: the reference's replace-all (default) or leading only.
-RESPONSE_EXTRACTIONS: tuple[str, ...] = ("reference", "leading")
+ResponseExtraction = Literal["reference", "leading"]
+RESPONSE_EXTRACTIONS: tuple[str, ...] = typing.get_args(ResponseExtraction)
 
 _ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "

@@ -8,34 +8,28 @@ leaves a partial file where DVC would cache it.
 Every download is bounded: the body may not exceed the pinned size (or ``max_bytes``),
 counted after Content-Encoding is decoded so a small gzip cannot expand without limit;
 ``timeout`` bounds each connect and each read, and ``deadline_s`` the whole fetch (all
-attempts and waits): a watchdog shuts the connection down when it passes, which also
-stops a server that trickles its headers or body a few bytes at a time. Credentials in a
-URL (``https://user:password@host/``) never appear in a message: see :func:`redact`.
+attempts and waits): a :class:`gpt2_instruct.deadline.Watchdog` shuts the connection down
+when it passes, which also stops a server that trickles its headers or body a few bytes at
+a time. Credentials in a URL (``https://user:password@host/``) never appear in a message:
+see :func:`gpt2_instruct.deadline.redact`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
 import os
 import re
-import socket
-import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.poolmanager import ProxyManager
 
+from gpt2_instruct.deadline import Watchdog, redact, watched_session
 from gpt2_instruct.io import atomic_path
 
 __all__ = [
@@ -46,7 +40,6 @@ __all__ = [
     "fetch",
     "is_remote",
     "local_path",
-    "redact",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,13 +51,6 @@ _MAX_BACKOFF_S = 60.0
 _CHUNK_SIZE = 1 << 16
 _REMOTE_SCHEMES = ("http", "https")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-# The userinfo of any URL in a text: scheme://user:password@host -> scheme://***@host.
-_USERINFO_RE = re.compile(r"(?<=://)[^/?#\s]*@")
-
-
-def redact(text: str) -> str:
-    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``."""
-    return _USERINFO_RE.sub("***@", text)
 
 
 class DownloadError(RuntimeError):
@@ -195,139 +181,6 @@ def _copy_local(
             )
 
 
-# --- the overall deadline --------------------------------------------------------------
-#
-# ``requests``' timeout bounds each socket read, so a server that sends a byte every few
-# seconds is never timed out. The watchdog below keeps a duplicate of every socket a fetch
-# opens (a dup() stays valid when TLS wraps and detaches the original) and shuts them all
-# down when the deadline passes: the blocked read returns at once, whatever phase it is in.
-
-_active = threading.local()  # the watchdog of the fetch running in this thread
-
-
-class _Watchdog:
-    """Shuts down the sockets of one fetch when its deadline passes."""
-
-    def __init__(self, deadline_s: float) -> None:
-        self.deadline_s = deadline_s
-        self.end = time.monotonic() + deadline_s
-        self.expired = False
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._timer = threading.Timer(deadline_s, self._expire)
-        self._timer.daemon = True
-
-    def remaining(self) -> float:
-        return self.end - time.monotonic()
-
-    def passed(self) -> bool:
-        return self.expired or self.remaining() <= 0
-
-    def register(self, sock: socket.socket) -> None:
-        try:
-            dup = sock.dup()
-        except OSError:
-            return
-        with self._lock:
-            self._sockets.append(dup)
-            if not self.expired:
-                return
-        self._shutdown(dup)
-
-    def release(self) -> None:
-        """Close our duplicates (each attempt's connection is done with)."""
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    @staticmethod
-    def _shutdown(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            self._shutdown(sock)
-
-    def __enter__(self) -> _Watchdog:
-        self._previous = getattr(_active, "watchdog", None)
-        _active.watchdog = self
-        self._timer.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._timer.cancel()
-        _active.watchdog = self._previous
-        self.release()
-
-
-def _register(sock: socket.socket) -> None:
-    watchdog = getattr(_active, "watchdog", None)
-    if watchdog is not None:
-        watchdog.register(sock)
-
-
-class _WatchedHTTPConnection(HTTPConnection):
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _register(sock)
-        return sock
-
-
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _register(sock)
-        return sock
-
-
-class _WatchedHTTPConnectionPool(HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTPConnection
-
-
-class _WatchedHTTPSConnectionPool(HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection
-
-
-_WATCHED_POOLS = {"http": _WatchedHTTPConnectionPool, "https": _WatchedHTTPSConnectionPool}
-# Messages quote these classes' names ('HTTPConnectionPool(host=...)'): keep urllib3's.
-for _cls in (*_WATCHED_POOLS.values(), _WatchedHTTPConnection, _WatchedHTTPSConnection):
-    _cls.__name__ = _cls.__qualname__ = _cls.__name__.removeprefix("_Watched")
-del _cls
-
-
-class _WatchedAdapter(HTTPAdapter):
-    """requests' adapter, with connections (direct or through an HTTP proxy) watched."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        if type(manager) is ProxyManager:  # SOCKS keeps its own pools: checked between reads
-            manager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
-        return manager
-
-
-def _session() -> requests.Session:
-    session = requests.Session()
-    adapter = _WatchedAdapter()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
 # --- HTTP ------------------------------------------------------------------------------
 
 
@@ -360,7 +213,7 @@ def _stream_body(
     progress: bool,
     cap: int | None,
     limit: str,
-    watchdog: _Watchdog,
+    watchdog: Watchdog,
     received: list[int],
 ) -> str:
     """Write the decoded body to ``handle`` (at most ``cap`` bytes); return its sha256.
@@ -403,7 +256,7 @@ def _attempt_http(
     cap: int | None,
     timeout: float,
     progress: bool,
-    watchdog: _Watchdog,
+    watchdog: Watchdog,
     received: list[int],
 ) -> None:
     """One download attempt into a temp file beside ``dest``.
@@ -530,7 +383,7 @@ def fetch(
     last_problem = "no attempt made"
     received = [0]
     attempts = retries + 1
-    with _Watchdog(deadline_s) as watchdog, _session() as session:
+    with Watchdog(deadline_s) as watchdog, watched_session() as session:
         for attempt in range(attempts):
             try:
                 _attempt_http(

@@ -48,6 +48,14 @@ def learning_params(params: FinetuneParams) -> dict[str, Any]:
     return values
 
 
+def of_run(
+    inputs: dict[str, Any], model_config: dict[str, Any], params: FinetuneParams
+) -> dict[str, Any]:
+    """A run's fingerprint: its inputs (data and base model hashes, prompt style, pad id),
+    the model's config and the learning params."""
+    return {"inputs": dict(inputs), "model": model_config, "params": learning_params(params)}
+
+
 def digest_dir(root: Path) -> str:
     """sha256 over every file below ``root``: relative names and contents, in name order."""
     digest = hashlib.sha256()

@@ -10,36 +10,21 @@ answers cost nothing more.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from gpt2_instruct.model import GPTModel, KVCache
+from gpt2_instruct.params import SamplingParams
 
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Greedy when ``temperature`` is 0; otherwise temperature / top-k / top-p sampling."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 123
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or null, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or null, got {self.top_p}")
+#: How answers are decoded (greedy when ``temperature`` is 0): ``params.SamplingParams``,
+#: whose defaults and checks ``generate``'s params and the command line share;
+#: ``params.GenerateParams`` is one, so the generate stage passes its params as they are.
+SamplingConfig = SamplingParams
+_DEFAULT_SAMPLING = SamplingParams()  # greedy, 256 new tokens at most
 
 
 def _next_tokens(
-    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Choose one token per row from last-position logits (B, V)."""
     if sampling.temperature == 0.0:
@@ -66,7 +51,7 @@ def generate(
     prompts: Sequence[Sequence[int]],
     *,
     eos_id: int,
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: SamplingParams = _DEFAULT_SAMPLING,
     on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt, without the prompt and without the final EOS.

@@ -7,9 +7,14 @@ inside :func:`judge_entries`: every entry that could not be scored keeps its rea
 :data:`REASONS`), and the summary counts them, so the evaluate stage can write its offline
 metrics first and then fail with :class:`JudgeError` when nothing at all was scored.
 
+Its settings are :class:`gpt2_instruct.params.JudgeParams` (params.yaml's
+``evaluate.judge``), checked when they are built, before any stage work.
+
 Nothing waits forever: ``timeout`` bounds each whole HTTP request (connecting, a server
-that never answers, one that trickles its reply a byte at a time), and ``deadline_s``
-bounds the whole run; entries left when it passes are marked ``deadline``.
+that never answers, one that trickles its reply a byte at a time: each request runs under
+a :class:`gpt2_instruct.deadline.Watchdog`), and ``deadline_s`` bounds the whole run;
+entries left when it passes are marked ``deadline``. URLs in messages never show their
+credentials (:func:`gpt2_instruct.deadline.redact`).
 
 Everything that comes from entries or from the server is treated as untrusted data: entry
 text is substituted into the prompt template exactly once (never re-formatted), and the
@@ -20,39 +25,31 @@ reaches another entry's prompt.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import logging
-import math
 import os
-import re
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from string import Formatter
-from types import TracebackType
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
 
 from gpt2_instruct.data import Entry, format_prompt
+from gpt2_instruct.deadline import Watchdog, redact, watched_session
+from gpt2_instruct.params import JudgeParams, parse_judge_template, render_judge_template
 
 __all__ = [
-    "BACKENDS",
     "DEFAULT_TEMPLATE",
     "DEFAULT_URLS",
     "HISTOGRAM_BUCKETS",
     "REASONS",
-    "TEMPLATE_FIELDS",
-    "JudgeConfig",
     "JudgeError",
+    "base_url",
     "build_prompt",
     "check_environment",
     "format_input",
@@ -62,16 +59,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("none", "ollama", "openai")
-
 #: Where each backend listens by default: Ollama's own port, and the base URL (ending in
 #: ``/v1``) of a local OpenAI-compatible server such as vLLM or llama.cpp's server.
 DEFAULT_URLS: dict[str, str] = {
     "ollama": "http://localhost:11434",
     "openai": "http://localhost:8000/v1",
 }
-
-TEMPLATE_FIELDS: tuple[str, ...] = ("prompt", "output", "response", "instruction", "input")
 
 #: The reference's judge prompt, byte for byte, with ``{prompt}`` standing for
 #: ``format_input(entry)`` (the Alpaca prompt without the response header).
@@ -91,7 +84,6 @@ _MAX_BACKOFF_S = 60.0
 _MAX_CONSECUTIVE_UNREACHABLE = 3  # after the first success: the server went away
 _FIRST_CALL_FATAL_STATUSES = (401, 403, 404)  # wrong key, URL or model: would repeat for all
 _SNIPPET_CHARS = 200
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 #: Why an entry has no score; each failed row's ``error`` starts with one of these, and
 #: the summary's ``judge_failed`` counts them.
@@ -112,198 +104,9 @@ class JudgeError(ValueError):
 # --- configuration ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Field:
-    """One replacement field of a template: which value, and how the template formats it."""
-
-    name: str
-    conversion: str | None
-    spec: str
-
-
-_Part = tuple[str, _Field | None]
-
-
-def _parse_template(template: str) -> list[_Part]:
-    """Split a template into (literal text, field) parts, or raise a clear ValueError.
-
-    Only the template itself is parsed, never text that already contains entry data, so
-    braces in instructions, outputs or responses can never be interpreted as fields.
-    """
-    try:
-        raw = list(Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(f"judge template is not a valid format string: {exc}") from None
-    allowed = ", ".join("{" + name + "}" for name in TEMPLATE_FIELDS)
-    parts: list[_Part] = []
-    for literal, name, spec, conversion in raw:
-        if name is None:
-            parts.append((literal, None))
-            continue
-        if name not in TEMPLATE_FIELDS:
-            shown = "{" + name + "}" if name else "{} (a positional field)"
-            raise ValueError(f"judge template has unknown field {shown}; allowed: {allowed}")
-        if spec and ("{" in spec or "}" in spec):
-            raise ValueError(
-                f"judge template field {{{name}}} has a nested field in its format spec "
-                f"{spec!r}; nested fields are not supported"
-            )
-        parts.append((literal, _Field(name, conversion, spec or "")))
-    return parts
-
-
-def _render(parts: Sequence[_Part], values: Mapping[str, str]) -> str:
-    """Substitute each field once; the values are inserted as-is, never re-parsed."""
-    formatter = Formatter()
-    out: list[str] = []
-    for literal, fld in parts:
-        out.append(literal)
-        if fld is not None:
-            value = formatter.convert_field(values[fld.name], fld.conversion)
-            out.append(formatter.format_field(value, fld.spec))
-    return "".join(out)
-
-
-def _check_template(template: str) -> None:
-    """Reject templates that could not score anything or would fail on the first entry."""
-    parts = _parse_template(template)
-    if not any(fld is not None and fld.name == "response" for _, fld in parts):
-        raise ValueError("judge template must contain {response} (the answer to score)")
-    try:
-        _render(parts, dict.fromkeys(TEMPLATE_FIELDS, "x"))
-    except ValueError as exc:  # bad conversion or format spec, e.g. "{response:d}"
-        raise ValueError(f"judge template cannot be formatted: {exc}") from None
-
-
-def _is_real(value: Any) -> bool:
-    """A finite int or float, but not a bool (True would silently mean 1)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _redact(url: str) -> str:
-    """``url`` without a password (``user:secret@host`` -> ``user:***@host``), for messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url.split("@")[-1] if "@" in url else url
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
-
-
-def _check_url(url: Any) -> None:
-    """An http(s) URL with a host (and a valid port), no query, fragment or blanks."""
-    if not isinstance(url, str):
-        raise ValueError(f"judge url must be a string (an http(s) URL), got {url!r}")
-    shown = repr(_redact(url))
-    if any(ch.isspace() or not ch.isprintable() for ch in url):
-        raise ValueError(f"judge url must not contain blanks or control characters, got {shown}")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        raise ValueError(f"judge url is not a valid URL ({exc}), got {shown}") from None
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"judge url must be an http(s) URL, got {shown}")
-    if not parts.hostname:
-        raise ValueError(f"judge url must name a host, got {shown}")
-    if parts.query or parts.fragment or url.endswith(("?", "#")):
-        raise ValueError(f"judge url must not have a query or fragment, got {shown}")
-
-
-@dataclass(frozen=True)
-class JudgeConfig:
-    """How to reach the judge model; validated on construction so bad params fail early.
-
-    ``url`` defaults per backend (see :data:`DEFAULT_URLS`): Ollama's server root, or the
-    base URL of an OpenAI-compatible API *including* its ``/v1`` (``/chat/completions`` is
-    appended). The API key is never a parameter: it is read at call time from the
-    environment variable named by ``api_key_env``, so it stays out of params.yaml, DVC
-    lock files and metrics. ``timeout`` bounds each whole request (not only each read);
-    ``retries`` counts extra attempts after the first; attempt ``k`` waits
-    ``backoff * 2**k`` seconds (capped at 60 s) before retrying. ``deadline_s`` bounds the
-    whole run: entries not judged by then are marked ``deadline``. ``template`` None means
-    the reference prompt (:data:`DEFAULT_TEMPLATE`). Messages name the field first (after
-    "judge "), so params.py can report them under ``evaluate.judge``.
-    """
-
-    backend: str = "none"
-    model: str = "llama3"
-    url: str | None = None
-    timeout: float = 60.0
-    retries: int = 2
-    backoff: float = 1.0
-    temperature: float = 0.0
-    seed: int = 123
-    num_ctx: int = 2048
-    api_key_env: str = "OPENAI_API_KEY"
-    template: str | None = None
-    deadline_s: float = 1800.0
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"judge backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ValueError(f"judge model must be a non-empty string, got {self.model!r}")
-        if self.url is None:
-            object.__setattr__(self, "url", DEFAULT_URLS.get(self.backend))
-        else:
-            _check_url(self.url)
-        for name in ("timeout", "backoff", "temperature", "deadline_s"):
-            value = getattr(self, name)
-            if not _is_real(value):
-                raise ValueError(f"judge {name} must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if self.timeout <= 0:
-            raise ValueError(f"judge timeout must be > 0 seconds, got {self.timeout}")
-        if self.deadline_s <= 0:
-            raise ValueError(f"judge deadline_s must be > 0 seconds, got {self.deadline_s}")
-        if self.backoff < 0:
-            raise ValueError(f"judge backoff must be >= 0 seconds, got {self.backoff}")
-        if self.temperature < 0:
-            raise ValueError(f"judge temperature must be >= 0, got {self.temperature}")
-        if not _is_int(self.retries) or self.retries < 0:
-            raise ValueError(f"judge retries must be an integer >= 0, got {self.retries!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"judge seed must be an integer, got {self.seed!r}")
-        if not _is_int(self.num_ctx) or self.num_ctx <= 0:
-            raise ValueError(f"judge num_ctx must be an integer > 0, got {self.num_ctx!r}")
-        if not isinstance(self.api_key_env, str) or not _ENV_NAME_RE.match(self.api_key_env):
-            raise ValueError(
-                "judge api_key_env must name an environment variable (letters, digits, _), "
-                f"got {self.api_key_env!r}"
-            )
-        if self.template is not None:
-            if not isinstance(self.template, str):
-                raise ValueError(f"judge template must be a string, got {self.template!r}")
-            _check_template(self.template)
-
-    @property
-    def enabled(self) -> bool:
-        """Whether a server will be contacted at all."""
-        return self.backend != "none"
-
-    @classmethod
-    def from_dict(cls, params: Mapping[str, Any]) -> JudgeConfig:
-        """Build from a params.yaml section, rejecting unknown keys (typos fail loudly)."""
-        if not isinstance(params, Mapping):
-            raise ValueError(f"judge params must be a mapping, got {type(params).__name__}")
-        if "api_key" in params:
-            raise ValueError(
-                "judge params must not contain 'api_key': put the key in an environment "
-                "variable and name it with 'api_key_env'"
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(key) for key in params if key not in known)
-        if unknown:
-            raise ValueError(f"unknown judge params {unknown}; allowed: {sorted(known)}")
-        return cls(**params)
+def base_url(config: JudgeParams) -> str:
+    """The server's base URL: ``config.url``, or the backend's default (:data:`DEFAULT_URLS`)."""
+    return config.url or DEFAULT_URLS.get(config.backend, "")
 
 
 # --- prompts and scores -----------------------------------------------------------------
@@ -322,7 +125,7 @@ def format_input(entry: Mapping[str, Any]) -> str:
 
 def build_prompt(entry: Mapping[str, Any], template: str | None = None) -> str:
     """The judge prompt for one entry (``template`` None: the reference prompt, verbatim)."""
-    parts = _parse_template(DEFAULT_TEMPLATE if template is None else template)
+    parts = parse_judge_template(DEFAULT_TEMPLATE if template is None else template)
     values = {
         "prompt": format_input(entry),
         "output": entry["output"],
@@ -330,7 +133,7 @@ def build_prompt(entry: Mapping[str, Any], template: str | None = None) -> str:
         "instruction": entry["instruction"],
         "input": entry.get("input") or "",
     }
-    return _render(parts, values)
+    return render_judge_template(parts, values)
 
 
 def parse_score(reply: str) -> int | None:
@@ -410,124 +213,8 @@ def _describe_connection_error(exc: BaseException) -> str:
             return "connection closed by the server without a reply"
         stack.extend([current.__cause__, current.__context__, getattr(current, "reason", None)])
         stack.extend(current.args)
-    text = " ".join(str(exc).split())
+    text = redact(" ".join(str(exc).split()))
     return text[:_SNIPPET_CHARS] or type(exc).__name__
-
-
-# requests' own timeout is per socket operation: a server that sends one byte every few
-# seconds would never trip it. So each request also runs under a watchdog that shuts its
-# sockets down when the request's overall time is up, which wakes a blocked read at once.
-# The sockets are found through urllib3's connection class (registered on connect and
-# before each response is read), for the calling thread's current request only.
-
-_current = threading.local()
-
-
-def _shut(sock: socket.socket) -> None:
-    # socket.socket.shutdown also for TLS sockets: SSLSocket.shutdown would drop its TLS
-    # state under a reader in another thread; this only ends the byte stream.
-    with contextlib.suppress(OSError):
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-class _Watchdog:
-    """Shuts down the sockets of the current thread's request once ``seconds`` have passed."""
-
-    def __init__(self, seconds: float) -> None:
-        self.fired = False
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> _Watchdog:
-        _current.watchdog = self
-        self._timer.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._timer.cancel()
-        _current.watchdog = None
-
-    def watch(self, sock: socket.socket | None) -> None:
-        if sock is None:
-            return
-        with self._lock:
-            if not self.fired:
-                self._sockets.append(sock)
-                return
-        _shut(sock)  # registered after the time was up: end it now
-
-    def _fire(self) -> None:
-        with self._lock:
-            self.fired = True
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            _shut(sock)
-
-
-def _watch(sock: socket.socket | None) -> None:
-    watchdog = getattr(_current, "watchdog", None)
-    if watchdog is not None:
-        watchdog.watch(sock)
-
-
-class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
-    def connect(self) -> None:
-        super().connect()
-        _watch(self.sock)
-
-    def getresponse(self, *args: Any, **kwargs: Any) -> Any:  # also for a reused connection
-        _watch(self.sock)
-        return super().getresponse(*args, **kwargs)
-
-
-class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        _watch(self.sock)
-
-    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
-        _watch(self.sock)
-        return super().getresponse(*args, **kwargs)
-
-
-class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTPConnection
-
-
-class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection
-
-
-_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
-
-
-class _WatchedAdapter(HTTPAdapter):
-    """requests' adapter, with connections the request watchdog can shut down."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
-
-    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **kwargs)
-        if type(manager) is urllib3.ProxyManager:  # not SOCKS: it has its own pools
-            manager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
-        return manager
-
-
-def _session() -> requests.Session:
-    session = requests.Session()
-    adapter = _WatchedAdapter()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
 
 
 def _read_body(response: requests.Response) -> bytes:
@@ -588,7 +275,7 @@ def _exchange(
         ) from exc
     except (requests.RequestException, OSError, http.client.HTTPException) as exc:
         raise _Failure(
-            f"request failed: {type(exc).__name__}: {' '.join(str(exc).split())}",
+            f"request failed: {type(exc).__name__}: {redact(' '.join(str(exc).split()))}",
             reason="bad_reply",
             retryable=False,
         ) from exc
@@ -643,12 +330,17 @@ def _post_once(
     headers: dict[str, str],
     limit: float,
 ) -> Any:
-    """One POST that takes at most ``limit`` seconds in all, however the server behaves."""
-    with _Watchdog(limit) as watchdog:
+    """One POST that takes at most ``limit`` seconds in all, however the server behaves.
+
+    ``requests``' own timeout is per socket operation: a server that sends one byte every
+    few seconds would never trip it, so the watchdog shuts the request's sockets down
+    when ``limit`` has passed, which wakes a blocked read at once.
+    """
+    with Watchdog(limit) as watchdog:
         try:
             return _exchange(session, url, payload, headers, limit)
         except _Failure as failure:
-            if not watchdog.fired:
+            if not watchdog.expired:
                 raise
             raise _Failure(
                 f"no complete reply within {limit:g} s (timeout)", reason="timeout", retryable=True
@@ -659,7 +351,7 @@ def _post(
     session: requests.Session,
     request: _Request,
     payload: dict[str, Any],
-    config: JudgeConfig,
+    config: JudgeParams,
     run_deadline: float,
 ) -> Any:
     """POST with retries for connection errors, timeouts, 429 and 5xx (never other 4xx).
@@ -698,7 +390,7 @@ def _post(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _deadline_message(config: JudgeConfig) -> str:
+def _deadline_message(config: JudgeParams) -> str:
     return f"run deadline of {config.deadline_s:g} s (judge deadline_s) reached"
 
 
@@ -720,7 +412,7 @@ def _content(body: Any, path: Sequence[str | int]) -> str:
     raise _Failure(f"reply has no text at {where.lstrip('.')}", reason="bad_reply", retryable=False)
 
 
-def _api_key(config: JudgeConfig) -> str | None:
+def _api_key(config: JudgeParams) -> str | None:
     """The bearer token from the environment (stripped), or None when unset or empty."""
     key = os.environ.get(config.api_key_env, "").strip()
     if not key:
@@ -733,7 +425,7 @@ def _api_key(config: JudgeConfig) -> str | None:
     return key
 
 
-def check_environment(config: JudgeConfig) -> None:
+def check_environment(config: JudgeParams) -> None:
     """Raise :class:`JudgeError` now if the API key variable holds an unusable value.
 
     :func:`judge_entries` would find it too, but only when it starts; a stage calls this
@@ -754,9 +446,9 @@ class _Request:
     hint: str
 
     @staticmethod
-    def for_config(config: JudgeConfig) -> _Request:
-        base = (config.url or "").rstrip("/")
-        shown = _redact(config.url or "")
+    def for_config(config: JudgeParams) -> _Request:
+        base = base_url(config).rstrip("/")
+        shown = redact(base_url(config))
         if config.backend == "ollama":
             return _Request(
                 url=f"{base}/api/chat",
@@ -778,7 +470,7 @@ class _Request:
         )
 
 
-def _payload(config: JudgeConfig, prompt: str) -> dict[str, Any]:
+def _payload(config: JudgeParams, prompt: str) -> dict[str, Any]:
     """The request body; temperature 0 and a fixed seed keep scores reproducible."""
     messages = [{"role": "user", "content": prompt}]
     if config.backend == "ollama":
@@ -831,7 +523,7 @@ def _row(index: int, reason: str | None = None, message: str = "") -> dict[str, 
     return {"index": index, "score": None, "reply": "", "reason": reason, "error": error}
 
 
-def _summary(config: JudgeConfig, rows: list[dict[str, Any]], error: str | None) -> dict[str, Any]:
+def _summary(config: JudgeParams, rows: list[dict[str, Any]], error: str | None) -> dict[str, Any]:
     """Counts, mean and histogram of the parsed scores, and the failures by reason."""
     scores = [row["score"] for row in rows if row["score"] is not None]
     histogram = dict.fromkeys(HISTOGRAM_BUCKETS, 0)
@@ -851,7 +543,7 @@ def _summary(config: JudgeConfig, rows: list[dict[str, Any]], error: str | None)
 
 
 def judge_entries(
-    entries: list[dict[str, Any]], config: JudgeConfig, *, progress: bool = False
+    entries: list[dict[str, Any]], config: JudgeParams, *, progress: bool = False
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score each entry's ``model_response`` with the judge; return (rows, summary).
 
@@ -892,7 +584,7 @@ def judge_entries(
 
         bar = tqdm(total=len(entries), desc="judge", unit="entry", leave=False)
     try:
-        with _session() as session:
+        with watched_session() as session:
             for index, entry in enumerate(entries):
                 if time.monotonic() >= run_deadline:
                     cut_short = sum(1 for row in rows if row["reason"] == "deadline")

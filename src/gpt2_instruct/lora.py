@@ -39,7 +39,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from gpt2_instruct.model import GPTModel, linear
+from gpt2_instruct.cpu import linear
+from gpt2_instruct.model import GPTModel
 
 # Target name -> (child of a transformer block, attribute of that child).
 _BLOCK_TARGETS: dict[str, tuple[str, str]] = {

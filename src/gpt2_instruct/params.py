@@ -5,6 +5,12 @@ range fail before any work starts, naming ``params.yaml``, the section and the
 key, so a typo in ``dvc exp run -S finetune.lerning_rate=...`` cannot silently
 run the default recipe.
 
+Each knob is defined once, here, with its default and its checks: the decoder takes
+:class:`SamplingParams` (which :class:`GenerateParams` extends), the judge takes
+:class:`JudgeParams`, and the command line's defaults are ``GenerateParams()``'s. The
+choices of a ``Literal`` key are the owning module's type (``data.PromptStyle``,
+``optim.Schedule``...), whose tuple of names derives from it.
+
 Every value is bounded, not only typed: numbers must be finite, integers fit 64 bits,
 counts have sane caps (batch sizes <= 65536, epochs <= 10,000, steps <= 10**9, seeds in
 0..2**63-1, the random model at most GPT-2 XL's 48 layers and width 1600), strings hold no
@@ -26,15 +32,23 @@ import reprlib
 import types
 import typing
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from string import Formatter
+from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import torch
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, ScalarEvent
 
+from gpt2_instruct.data import PromptStyle, ResponseExtraction
+from gpt2_instruct.deadline import redact
+from gpt2_instruct.download import MAX_RETRIES
+from gpt2_instruct.lora import LORA_TARGETS
 from gpt2_instruct.model import GPT2_CONFIGS
+from gpt2_instruct.optim import Schedule
 
 PARAMS_FILE = "params.yaml"
 
@@ -52,6 +66,8 @@ MAX_RANDOM_LAYERS = 48
 MAX_RANDOM_WIDTH = 1600
 MAX_CONTEXT = 1024  # every GPT-2's context; GPTConfig.context_length of every model here
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,4})?")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # an environment variable's name
 
 
 class ParamsError(ValueError):
@@ -74,11 +90,14 @@ class DownloadParams:
     retries: int = 3
 
     def __post_init__(self) -> None:
-        _check(0 < self.timeout < float("inf"), "timeout must be a finite number > 0 (seconds)")
-        _check(
-            0 < self.deadline_s < float("inf"), "deadline_s must be a finite number > 0 (seconds)"
-        )
-        _check(0 <= self.retries <= 20, "retries must be in 0..20")
+        _check_network_limits(self.timeout, self.deadline_s, self.retries)
+        if self.sha256 is not None:
+            pin = self.sha256.strip().lower()
+            _check(
+                SHA256_PATTERN.fullmatch(pin) is not None,
+                f"sha256 must be 64 hex digits or null, got {_short(self.sha256)}",
+            )
+            object.__setattr__(self, "sha256", pin)  # as sha256sum prints it
         _check(self.max_bytes > 0, "max_bytes must be > 0")
         _check(
             self.size is None or 0 < self.size <= self.max_bytes,
@@ -104,7 +123,7 @@ class PrepareParams:
 
 @dataclass(frozen=True)
 class TokenizeParams:
-    prompt_style: Literal["alpaca", "phi3"] = "alpaca"
+    prompt_style: PromptStyle = "alpaca"  # data.PROMPT_STYLES
 
 
 @dataclass(frozen=True)
@@ -152,11 +171,7 @@ class FetchParams:
             self.source != "local" or bool(self.local_dir),
             "source 'local' needs local_dir (a directory with model.safetensors + config.json)",
         )
-        _check(0 < self.timeout < float("inf"), "timeout must be a finite number > 0 (seconds)")
-        _check(
-            0 < self.deadline_s < float("inf"), "deadline_s must be a finite number > 0 (seconds)"
-        )
-        _check(0 <= self.retries <= 20, "retries must be in 0..20")
+        _check_network_limits(self.timeout, self.deadline_s, self.retries)
         _check(self.max_bytes is None or self.max_bytes > 0, "max_bytes must be > 0 or null")
 
 
@@ -170,13 +185,12 @@ class LoRAParams:
     targets: tuple[str, ...] = ("attn_qkv", "attn_out", "ff_fc", "ff_proj")
 
     def __post_init__(self) -> None:
-        valid = ("attn_qkv", "attn_out", "ff_fc", "ff_proj", "head")
         _check_int(self.rank, "rank", 0, MAX_RANDOM_WIDTH, " (0: no LoRA; at most the width)")
         _check(self.alpha > 0, "alpha must be > 0")
         _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
         _check(bool(self.targets), "targets must not be empty")
-        unknown = [t for t in self.targets if t not in valid]
-        _check(not unknown, f"unknown targets {_short(unknown)}; valid: {list(valid)}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(not unknown, f"unknown targets {_short(unknown)}; valid: {list(LORA_TARGETS)}")
 
 
 @dataclass(frozen=True)
@@ -212,7 +226,7 @@ class FinetuneParams:
     lr: float = 5.0e-5
     weight_decay: float = 0.1
     decay_norms_and_biases: bool = True
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Schedule = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_clip: float | None = None
@@ -280,46 +294,84 @@ class FinetuneParams:
 
 
 @dataclass(frozen=True)
-class GenerateParams:
-    """Answers for the test split; greedy by default, like the reference."""
+class SamplingParams:
+    """How an answer is decoded: greedy when ``temperature`` is 0 (the reference), else
+    temperature / top-k / top-p sampling seeded by ``seed``.
+
+    The sampling knobs of ``generate`` (:class:`GenerateParams` extends this), and what
+    ``gpt2_instruct.generation.generate`` and the command line take: one set of defaults
+    and checks for all three.
+    """
 
     max_new_tokens: int = 256
-    batch_size: int = 32
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 123
-    response_header_in_prompt: bool = False
-    # data.RESPONSE_EXTRACTIONS; "reference": the reference's replace-all of the header
-    response_extraction: Literal["reference", "leading"] = "reference"
-    limit: int | None = None
-    device: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int(
             self.max_new_tokens, "max_new_tokens", 1, MAX_CONTEXT - 1, " (below the context)"
         )
-        _check_int(self.batch_size, "batch_size", 1, MAX_BATCH)
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None:
             _check(self.top_k >= 1, f"top_k must be >= 1 or null, got {self.top_k}")
         if self.top_p is not None:
             _check(0 < self.top_p <= 1, f"top_p must be in (0, 1] or null, got {self.top_p}")
         _check_seed(self.seed)
+
+
+@dataclass(frozen=True)
+class GenerateParams(SamplingParams):
+    """Answers for the test split; greedy by default, like the reference.
+
+    The sampling knobs (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``)
+    are :class:`SamplingParams`'; these params are passed to the decoder as they are.
+    """
+
+    batch_size: int = 32
+    response_header_in_prompt: bool = False
+    # data.RESPONSE_EXTRACTIONS; "reference": the reference's replace-all of the header
+    response_extraction: ResponseExtraction = "reference"
+    limit: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int(self.batch_size, "batch_size", 1, MAX_BATCH)
         _check(self.limit is None or self.limit > 0, "limit must be > 0 or null")
         _check_device_name(self.device)
 
 
+JudgeBackend = Literal["none", "ollama", "openai"]
+JUDGE_BACKENDS: tuple[str, ...] = typing.get_args(JudgeBackend)
+
+#: The values a judge template may name: ``{prompt}`` is the reference's
+#: ``format_input(entry)`` (the Alpaca prompt without the response header).
+JUDGE_TEMPLATE_FIELDS: tuple[str, ...] = ("prompt", "output", "response", "instruction", "input")
+
+
 @dataclass(frozen=True)
 class JudgeParams:
-    """The optional LLM judge of the evaluate stage (``gpt2_instruct.judge``).
+    """The optional LLM judge of the evaluate stage (``gpt2_instruct.judge`` takes these).
 
-    ``timeout`` bounds each whole request, ``deadline_s`` the whole run. Checked here,
-    before any stage work, by the judge's own rules (URL scheme and host, limits, template
-    fields, API key variable name), so a bad judge setting fails every stage at once.
+    ``url`` None means the backend's default (``judge.DEFAULT_URLS``): Ollama's server
+    root, or the base URL of an OpenAI-compatible API *including* its ``/v1``
+    (``/chat/completions`` is appended). The API key is never a parameter: it is read at
+    call time from the environment variable named by ``api_key_env``, so it stays out of
+    params.yaml, DVC lock files and metrics. ``timeout`` bounds each whole request (not
+    only each read), ``deadline_s`` the whole run: entries not judged by then are marked
+    ``deadline``. ``retries`` counts extra attempts after the first; attempt ``k`` waits
+    ``backoff * 2**k`` seconds (at most 60) before retrying. ``template`` None means the
+    reference prompt (``judge.DEFAULT_TEMPLATE``). ``temperature``, ``seed`` and
+    ``num_ctx`` (Ollama's context) are sent with each request.
+
+    Checked here, before any stage work: the URL (http(s), a host, a valid port, no
+    query, no blanks), the limits, the template's fields and the API key variable's
+    name. Types are checked too, so a judge built in Python gets the same messages.
     """
 
-    backend: Literal["none", "ollama", "openai"] = "none"
+    backend: JudgeBackend = "none"
     model: str = "llama3"
     url: str | None = None
     timeout: float = 60.0
@@ -327,16 +379,64 @@ class JudgeParams:
     template: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     deadline_s: float = 1800.0
+    backoff: float = 1.0
+    temperature: float = 0.0
+    seed: int = 123
+    num_ctx: int = 2048
+
+    # Said when a key that is no field of this section is given (see _build).
+    UNKNOWN_KEY_HINTS: ClassVar[dict[str, str]] = {
+        "api_key": "never put a key in params.yaml: put it in an environment variable and "
+        "name that with api_key_env",
+    }
 
     def __post_init__(self) -> None:
-        # Lazily: judge.py (~50 ms with requests) holds the one copy of these rules and its
-        # JudgeConfig takes exactly these fields; params.py stays importable without it.
-        from gpt2_instruct.judge import JudgeConfig
+        _check(
+            self.backend in JUDGE_BACKENDS,
+            f"backend must be one of {list(JUDGE_BACKENDS)}, got {_short(self.backend)}",
+        )
+        _check(
+            isinstance(self.model, str) and bool(self.model.strip()),
+            f"model must be a non-empty string, got {_short(self.model)}",
+        )
+        if self.url is not None:
+            _check_judge_url(self.url)
+        for name in ("timeout", "deadline_s", "backoff", "temperature"):
+            value = getattr(self, name)
+            _check(_is_real(value), f"{name} must be a finite number, got {_short(value)}")
+            object.__setattr__(self, name, float(value))
+        _check(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout}")
+        _check(self.deadline_s > 0, f"deadline_s must be > 0 seconds, got {self.deadline_s}")
+        _check(self.backoff >= 0, f"backoff must be >= 0 seconds, got {self.backoff}")
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(
+            _is_int(self.retries) and self.retries >= 0,
+            f"retries must be an integer >= 0, got {_short(self.retries)}",
+        )
+        _check(
+            _is_int(self.seed) and 0 <= self.seed <= MAX_SEED,
+            f"seed must be an integer in 0..{MAX_SEED}, got {_short(self.seed)}",
+        )
+        _check(
+            _is_int(self.num_ctx) and self.num_ctx > 0,
+            f"num_ctx must be an integer > 0, got {_short(self.num_ctx)}",
+        )
+        _check(
+            isinstance(self.api_key_env, str) and ENV_NAME_PATTERN.fullmatch(self.api_key_env),
+            "api_key_env must name an environment variable (letters, digits, _), "
+            f"got {_short(self.api_key_env)}",
+        )
+        if self.template is not None:
+            _check(
+                isinstance(self.template, str),
+                f"template must be a string or null, got {_short(self.template)}",
+            )
+            _check_judge_template(self.template)
 
-        try:
-            JudgeConfig.from_dict(dataclasses.asdict(self))
-        except ValueError as err:
-            raise _CheckFailed(str(err).removeprefix("judge ")) from None
+    @property
+    def enabled(self) -> bool:
+        """Whether a server will be contacted at all."""
+        return self.backend != "none"
 
 
 @dataclass(frozen=True)
@@ -428,6 +528,115 @@ def _check_device_name(value: str, name: str = "device") -> None:
         DEVICE_PATTERN.fullmatch(value) is not None,
         f"{name} must be auto, cpu, cuda, cuda:N or mps, got {_short(value)}",
     )
+
+
+def _check_network_limits(timeout: float, deadline_s: float, retries: int) -> None:
+    """A download's limits (download, fetch_gpt2): what ``download.fetch`` accepts."""
+    _check(0 < timeout < float("inf"), "timeout must be a finite number > 0 (seconds)")
+    _check(0 < deadline_s < float("inf"), "deadline_s must be a finite number > 0 (seconds)")
+    _check(0 <= retries <= MAX_RETRIES, f"retries must be in 0..{MAX_RETRIES}")
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float, but not a bool (True would silently mean 1)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_judge_url(url: Any) -> None:
+    """An http(s) URL with a host (and a valid port), no query, fragment or blanks.
+
+    Messages show the URL without its credentials (``deadline.redact``).
+    """
+    _check(isinstance(url, str), f"url must be a string (an http(s) URL), got {_short(url)}")
+    shown = _short(redact(url))
+    _check(
+        not any(ch.isspace() or not ch.isprintable() for ch in url),
+        f"url must not contain blanks or control characters, got {shown}",
+    )
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise _CheckFailed(f"url is not a valid URL ({exc}), got {shown}") from None
+    _check(parts.scheme in ("http", "https"), f"url must be an http(s) URL, got {shown}")
+    _check(bool(parts.hostname), f"url must name a host, got {shown}")
+    _check(
+        not (parts.query or parts.fragment or url.endswith(("?", "#"))),
+        f"url must not have a query or fragment, got {shown}",
+    )
+
+
+# --- the judge's prompt template ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TemplateField:
+    """One replacement field of a judge template: which value, and how it is formatted."""
+
+    name: str
+    conversion: str | None
+    spec: str
+
+
+TemplatePart = tuple[str, TemplateField | None]  # literal text, then a field or None
+
+
+def parse_judge_template(template: str) -> list[TemplatePart]:
+    """Split a judge template into (literal text, field) parts, or raise a ValueError.
+
+    Only the template itself is parsed, never text that already contains entry data, so
+    braces in instructions, outputs or responses can never be interpreted as fields.
+    Fields may only name :data:`JUDGE_TEMPLATE_FIELDS`. Messages start with "template".
+    """
+    try:
+        raw = list(Formatter().parse(template))
+    except ValueError as exc:
+        raise _CheckFailed(f"template is not a valid format string: {exc}") from None
+    allowed = ", ".join("{" + name + "}" for name in JUDGE_TEMPLATE_FIELDS)
+    parts: list[TemplatePart] = []
+    for literal, name, spec, conversion in raw:
+        if name is None:
+            parts.append((literal, None))
+            continue
+        if name not in JUDGE_TEMPLATE_FIELDS:
+            shown = "{" + name + "}" if name else "{} (a positional field)"
+            raise _CheckFailed(f"template has unknown field {shown}; allowed: {allowed}")
+        if spec and ("{" in spec or "}" in spec):
+            raise _CheckFailed(
+                f"template field {{{name}}} has a nested field in its format spec "
+                f"{spec!r}; nested fields are not supported"
+            )
+        parts.append((literal, TemplateField(name, conversion, spec or "")))
+    return parts
+
+
+def render_judge_template(parts: Sequence[TemplatePart], values: Mapping[str, str]) -> str:
+    """Substitute each field once; the values are inserted as-is, never re-parsed."""
+    formatter = Formatter()
+    out: list[str] = []
+    for literal, fld in parts:
+        out.append(literal)
+        if fld is not None:
+            value = formatter.convert_field(values[fld.name], fld.conversion)
+            out.append(formatter.format_field(value, fld.spec))
+    return "".join(out)
+
+
+def _check_judge_template(template: str) -> None:
+    """Reject templates that could not score anything or would fail on the first entry."""
+    parts = parse_judge_template(template)
+    _check(
+        any(fld is not None and fld.name == "response" for _, fld in parts),
+        "template must contain {response} (the answer to score)",
+    )
+    try:
+        render_judge_template(parts, dict.fromkeys(JUDGE_TEMPLATE_FIELDS, "x"))
+    except ValueError as exc:  # bad conversion or format spec, e.g. "{response:d}"
+        raise _CheckFailed(f"template cannot be formatted: {exc}") from None
 
 
 def device_problem(name: str) -> str | None:
@@ -522,8 +731,10 @@ def _build(cls: type[T], raw: dict[str, Any], where: str) -> T:
     unknown = sorted(_short(key, 40) for key in raw if key not in names)
     if unknown:
         shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if unknown[10:] else "")
+        hints = getattr(cls, "UNKNOWN_KEY_HINTS", {})
+        said = "".join(f" ({key}: {hints[key]})" for key in sorted(hints) if key in raw)
         raise ParamsError(
-            f"{where or 'top level'}: unknown key(s) [{shown}]; valid keys: {sorted(names)}"
+            f"{where or 'top level'}: unknown key(s) [{shown}]{said}; valid keys: {sorted(names)}"
         )
     values = {
         key: _coerce(value, hints[key], f"{where}.{key}" if where else key)

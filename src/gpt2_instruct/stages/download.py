@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpt2_instruct.download import fetch, redact
+from gpt2_instruct.deadline import redact
+from gpt2_instruct.download import fetch
 from gpt2_instruct.io import remove_stale_temps
 from gpt2_instruct.params import DownloadParams
 from gpt2_instruct.stages import log
@@ -21,8 +22,7 @@ def download(params: DownloadParams, out: Path) -> None:
     """Fetch the data set to ``out``: size-capped, checked against the pins, retried."""
     for stale in remove_stale_temps(out):
         log(f"download: removed {stale}, left by an interrupted run")
-    pin = params.sha256.strip().lower() if params.sha256 else None
-    size = params.size if params.size is not None else KNOWN_SIZES.get(pin or "")
+    size = params.size if params.size is not None else KNOWN_SIZES.get(params.sha256 or "")
     fetch(
         params.url,
         out,

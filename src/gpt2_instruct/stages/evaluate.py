@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -61,12 +60,10 @@ def evaluate(
     (the stage exits 1), so DVC does not cache the run as a success and a later
     ``dvc repro`` with the server up judges again. A partly scored run succeeds.
     """
-    judge_cfg = None
-    if params.judge.backend != "none":
-        from gpt2_instruct.judge import JudgeConfig, check_environment
+    if params.judge.enabled:  # its settings were checked with the rest of params.yaml
+        from gpt2_instruct.judge import check_environment
 
-        judge_cfg = JudgeConfig.from_dict(dataclasses.asdict(params.judge))
-        check_environment(judge_cfg)  # an unusable API key fails before any work
+        check_environment(params.judge)  # an unusable API key fails before any work
     entries = evaluation.load_responses(responses)  # checked before the model loads
     test = TokenizedSplit.load(tokenized / "test.safetensors")
     if len(entries) > len(test):
@@ -85,10 +82,10 @@ def evaluate(
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     judged_nothing = None
-    if judge_cfg is not None:
+    if params.judge.enabled:
         from gpt2_instruct.judge import JudgeError, judge_entries
 
-        judged, judge_summary = judge_entries(entries, judge_cfg, progress=True)
+        judged, judge_summary = judge_entries(entries, params.judge, progress=True)
         verdicts = {verdict["index"]: verdict for verdict in judged}
         for row in rows:
             verdict = verdicts.get(row["index"], {})

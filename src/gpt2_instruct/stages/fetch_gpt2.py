@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from gpt2_instruct.download import fetch, local_path, redact
+from gpt2_instruct.deadline import redact
+from gpt2_instruct.download import fetch, local_path
 from gpt2_instruct.io import atomic_dir, remove_stale_temps
 from gpt2_instruct.model import GPT2_CONFIGS, GPTConfig, GPTModel
 from gpt2_instruct.params import FetchParams

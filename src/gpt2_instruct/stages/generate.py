@@ -8,7 +8,7 @@ from typing import Any
 
 from gpt2_instruct.data import Entry, extract_response, format_prompt, load_entries
 from gpt2_instruct.devices import resolve_device
-from gpt2_instruct.generation import SamplingConfig, generate
+from gpt2_instruct.generation import generate
 from gpt2_instruct.io import write_json
 from gpt2_instruct.model_dir import load_instruct_model
 from gpt2_instruct.params import GenerateParams, ParamsError
@@ -48,21 +48,14 @@ def generate_responses(
         tokenizer.encode(generation_prompt(e, style, params.response_header_in_prompt))
         for e in entries
     ]
-    sampling = SamplingConfig(
-        max_new_tokens=params.max_new_tokens,
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        seed=params.seed,
-    )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[int, str] = {}
     answer_tokens: list[int] = []
     started = time.perf_counter()
     for start in range(0, len(order), params.batch_size):
         batch = order[start : start + params.batch_size]
-        outputs = generate(
-            model, [prompts[i] for i in batch], eos_id=tokenizer.eot_id, sampling=sampling
+        outputs = generate(  # params are SamplingParams: the sampling knobs as they are
+            model, [prompts[i] for i in batch], eos_id=tokenizer.eot_id, sampling=params
         )
         for i, ids in zip(batch, outputs, strict=True):
             answer_tokens.append(len(ids))
