@@ -1,7 +1,7 @@
 """SDPA kernels for training-shaped causal attention: flash against math, fp32 and bf16.
 
 ``MultiHeadAttention`` trains with the math kernel when q is bf16 on the CPU and leaves
-the choice to PyTorch otherwise (``model._attention_backend``); this is the measurement
+the choice to PyTorch otherwise (``cpu.attention_backend``); this is the measurement
 behind that rule. One call is ``scaled_dot_product_attention(q, k, v, is_causal=True)``
 on (batch, heads, positions, head size) tensors, then ``backward`` of its sum; the
 forward alone is timed under ``no_grad``. Median of ``--repeats`` after two warm-up calls.

@@ -104,7 +104,7 @@ def relaunch_without_per_thread_cache(precision: str, strategy: str) -> None:
     reference's batches, the same hour: 2.80 s a step and 6.5 s an evaluation, against
     3.67 s and 9.8 s with glibc's defaults; the finetune stage 1.24-1.35x faster at a
     peak RSS of 7.42 against 7.61-7.67 GiB (``bench/README.md``). Since bf16 products
-    stopped compiling a kernel per row count (``model.linear``), a gpt2 bf16 run keeps a
+    stopped compiling a kernel per row count (``cpu.linear``), a gpt2 bf16 run keeps a
     flat heap from its third step with the cache off (2.81 GB over 60 steps) and still
     grows with it on (2.65 -> 3.39 GB). What is computed does not change. A
     ``glibc.malloc.tcache_count`` the user set is left alone
