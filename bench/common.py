@@ -30,11 +30,7 @@ from typing import Any
 import torch
 
 from gpt2_instruct.batching import BatchOrder, TokenizedSplit, collate
-from gpt2_instruct.devices import (
-    per_thread_cache_off,
-    relaunch_without_per_thread_cache,
-    tune_host_memory,
-)
+from gpt2_instruct.devices import configure, per_thread_cache_off
 from gpt2_instruct.model import GPT2_CONFIGS, GPTModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -130,17 +126,18 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def set_malloc(system: bool, precision: str = "fp32") -> str:
-    """Keep freed memory as the finetune stage does unless ``system``: fp32 at once; bf16
-    after restarting this process with glibc's per-thread cache off
-    (``devices.relaunch_without_per_thread_cache``).
+def set_malloc(system: bool, precision: str = "fp32", device: str | torch.device = "cpu") -> str:
+    """The device seam as the finetune stage applies it (``devices.configure``), with the
+    host-memory part left at glibc's defaults when ``system``: on the CPU, freed memory is
+    kept (fp32 at once; bf16 after restarting with glibc's per-thread cache off).
 
     Applies to both models of a comparison alike (one process). Returns the mode in use.
     """
-    if system:
+    if system:  # FSDP's choice: glibc's defaults; the rest as the stage's
+        configure(device, precision, "fsdp")  # type: ignore[arg-type]
         return "system"
-    relaunch_without_per_thread_cache(precision, "ddp")
-    if not tune_host_memory("ddp", precision):
+    chosen = configure(device, precision, "ddp", relaunch=True)  # type: ignore[arg-type]
+    if not chosen.keeps_freed_memory:
         return "system"
     return "reuse, per-thread cache off" if per_thread_cache_off() else "reuse"
 

@@ -50,7 +50,7 @@ from common import (
 from gpt2_instruct.generation import SamplingConfig, generate, generate_uncached
 from gpt2_instruct.weights import save_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}  # tf32: CUDA
 
 
 def length_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
@@ -148,8 +148,10 @@ def main() -> None:
         parser.error("--prompts, --max-new-tokens and --batch-size must be >= 1")
 
     device = resolve_device(args.device)
+    if args.dtype == "tf32" and device.type != "cuda":
+        parser.error("--dtype tf32 is a CUDA matmul mode (fp32 weights, TF32 products)")
     threads = set_threads(args.threads)
-    malloc = set_malloc(args.system_malloc, args.dtype)
+    malloc = set_malloc(args.system_malloc, args.dtype, device)
     data = load_data(args.data_dir, synthetic=args.synthetic)
     eos = data.pad_id
     prompts = data.test_prompts[: args.prompts]

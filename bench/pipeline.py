@@ -192,7 +192,7 @@ def main() -> None:
         "--params", type=Path, default=REPO_ROOT / "params.yaml", help="the recipe to project"
     )
     parser.add_argument(
-        "--dtype", choices=("fp32", "bf16"), default=None, help="default: params.yaml's"
+        "--dtype", choices=("fp32", "tf32", "bf16"), default=None, help="default: params.yaml's"
     )
     parser.add_argument(
         "--eval-train", choices=("reference", "fixed"), default=None, help="default: params.yaml's"
@@ -239,7 +239,7 @@ def main() -> None:
         eval_train=args.eval_train or config.finetune.eval_train,
         batch_order=args.batch_order or config.finetune.batch_order,
     )
-    malloc = set_malloc(args.system_malloc, recipe.precision)
+    malloc = set_malloc(args.system_malloc, recipe.precision, device)
     params = dataclasses.replace(  # the run measured: N steps, no checkpoints
         recipe, max_steps=args.steps, device=str(device), checkpoint_every=0
     )

@@ -1,4 +1,4 @@
-"""Stage evaluate: score the test answers offline (and with an LLM judge when asked)."""
+"""Stage evaluate: score the test answers offline (losses, ROUGE, chrF, exact match)."""
 
 from gpt2_instruct.stages import run_stage
 from gpt2_instruct.stages.evaluate import evaluate
@@ -12,6 +12,7 @@ if __name__ == "__main__":
             "tokenized": "data/tokenized",
             "metrics": "metrics/eval.json",
             "per_entry": "metrics/eval_per_entry.csv",
+            "scores": "metrics/eval_scores.csv",
             "plots": "plots/eval",
         },
         lambda p, a: evaluate(
@@ -22,5 +23,7 @@ if __name__ == "__main__":
             a["metrics"],
             a["per_entry"],
             a["plots"],
+            a["scores"],
         ),
+        device_section="evaluate",
     )

@@ -7,7 +7,7 @@ torchrun, one process per GPU; ``torchrun --nproc-per-node N stages/finetune.py`
 import sys
 from pathlib import Path
 
-from gpt2_instruct import devices, distributed
+from gpt2_instruct import distributed
 from gpt2_instruct.params import Params
 from gpt2_instruct.stages import run_stage
 from gpt2_instruct.stages.finetune import finetune
@@ -15,7 +15,6 @@ from gpt2_instruct.stages.finetune import finetune
 
 def main(p: Params, a: dict[str, Path]) -> None:
     """Train here, or, when several processes are asked for, under torchrun and exit as it did."""
-    devices.relaunch_without_per_thread_cache(p.finetune.precision, p.finetune.distributed.strategy)
     code = distributed.maybe_relaunch(p.finetune.distributed.nproc_per_node, sys.argv)
     if code is not None:
         sys.exit(code)
@@ -30,6 +29,8 @@ def main(p: Params, a: dict[str, Path]) -> None:
         a["log"],
         a["plot"],
         a["live"],
+        max_new_tokens=p.generate.max_new_tokens,  # the model folder's generation_config.json
+        fetch=p.fetch_gpt2,  # the model card names the base model it fetched
     )
 
 
@@ -48,4 +49,5 @@ if __name__ == "__main__":
             "live": "dvclive",
         },
         main,
+        device_section="finetune",
     )

@@ -13,4 +13,5 @@ if __name__ == "__main__":
             "metrics": "metrics/generate.json",
         },
         lambda p, a: generate_responses(p.generate, a["model"], a["test"], a["out"], a["metrics"]),
+        device_section="generate",
     )

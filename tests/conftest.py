@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from gpt2_instruct.cpu import settle_vector_math
+
+# What devices.configure does first in every CPU process (stages, CLI, benches): MKL's vector
+# math on its accurate path, so results repeat from one test process to the next.
+settle_vector_math()
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
@@ -54,3 +60,18 @@ def write_bpe():
         return directory
 
     return write
+
+
+@pytest.fixture
+def no_dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """No name resolves (as offline): the hosts asked for, in order."""
+    import socket
+
+    lookups: list[str] = []
+
+    def fail(host: str, *args: object, **kwargs: object) -> object:
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    return lookups

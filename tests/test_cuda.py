@@ -31,6 +31,7 @@ import pytest
 import torch
 from test_training import PAD, RECIPE, TRAIN, VAL, fresh_model
 
+from gpt2_instruct import devices
 from gpt2_instruct.generation import SamplingConfig, generate, generate_uncached
 from gpt2_instruct.model import GPTConfig, GPTModel
 from gpt2_instruct.params import DistributedParams, FinetuneParams, ParamsError, load_params
@@ -129,6 +130,7 @@ def test_logits_and_loss_match_hugging_face_on_cuda(tmp_path: Path, shape: dict)
 
 # ------------------------------------------------------------------- training
 def _train(params: FinetuneParams, device: torch.device, model: GPTModel | None = None) -> Trainer:
+    devices.configure(device, params.precision)  # as the stage's frame does: TF32 on or off
     trainer = Trainer(
         model or fresh_model(), TRAIN, VAL, params, pad_id=PAD, progress=False, device=device
     )
@@ -162,8 +164,9 @@ WIDE = GPTConfig(vocab_size=50257, context_length=64, n_embd=768, n_layer=2, n_h
 
 @pytest.mark.parametrize("shape", ["tiny", "gpt2-width"])
 def test_fp32_training_on_cuda_learns_what_the_cpu_learns(tmp_path: Path, shape: str) -> None:
-    """The same recipe (fused AdamW, updates in backward) on both devices: the same loss
-    log to rounding, and the same update of the weights."""
+    """The same recipe (fused AdamW; updates in backward on the CPU only, the dense loss on
+    CUDA, as ``devices`` decides) on both devices: the same loss log to rounding, and the
+    same update of the weights."""
     params = _accepted("fp32", tmp_path, max_steps=6, eval_every=1)
 
     def model() -> GPTModel:

@@ -302,13 +302,50 @@ def test_http_persistent_500_gives_up(
     assert leftovers(tmp_path) == []
 
 
-def test_connection_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connection_refused_fails_at_once_naming_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused connection is not worth a retry: one line, the URL, how to work offline."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    delays = record_sleeps(monkeypatch)
     url = f"http://127.0.0.1:{closed_port()}/x.json"
-    with pytest.raises(DownloadError, match="connection failed") as info:
-        fetch(url, tmp_path / "x.json", retries=1, backoff=0.01, timeout=2)
-    assert url in str(info.value) and "2 attempt(s)" in str(info.value)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="connection refused") as info:
+        fetch(url, tmp_path / "x.json", retries=3, backoff=0.01, timeout=2)
+    assert time.monotonic() - started < 2
+    message = str(info.value)
+    assert message.startswith(f"{url}: cannot reach 127.0.0.1: connection refused (not retried)")
+    assert message.endswith("-S download.url=<local file>") and "\n" not in message
+    assert delays == []  # no retry, no wait
     assert leftovers(tmp_path) == []
+
+
+def test_a_name_that_does_not_resolve_fails_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_dns: list[str]
+) -> None:
+    """No network usually means no DNS: a clear line, not three retries of urllib3's trace."""
+    lookups = no_dns
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    delays = record_sleeps(monkeypatch)
+    url = "https://user:secret@data.example.org/instruction-data.json"
+    with pytest.raises(DownloadError) as info:
+        fetch(url, tmp_path / "x.json", retries=5, offline_hint="try -S x.url=<file>")
+    assert str(info.value) == (
+        "https://***@data.example.org/instruction-data.json: cannot reach data.example.org: "
+        "name not resolved (Name or service not known) (not retried). No network? "
+        "try -S x.url=<file>"
+    )
+    assert lookups == ["data.example.org"] and delays == []
+    assert leftovers(tmp_path) == []
+
+
+def test_a_timeout_is_still_retried(server: Server, tmp_path: Path) -> None:
+    """Only a host that cannot be reached fails at once; a slow one gets its retries."""
+    url = server.route("/slow.json", slow(headers_first=False, delay=0.6), ok())
+    out = fetch(url, tmp_path / "x.json", retries=1, backoff=0.01, timeout=0.2)
+    assert out.read_bytes() == BODY
+    assert server.hits["/slow.json"] == 2
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["truncated", "reset"])
@@ -522,7 +559,7 @@ def test_the_watchdog_also_ends_a_request_on_a_kept_alive_connection() -> None:
         with watched_session() as session:
             session.trust_env = False  # no proxy between us and 127.0.0.1
             assert session.get(url, timeout=30).content == b"ok"
-            assert replied.is_set()
+            assert replied.wait(5)  # the server thread may not have run set() yet
             start = time.monotonic()
             with Watchdog(0.5) as watchdog, pytest.raises(OSError):
                 session.get(url, timeout=30)  # requests' errors are OSErrors too
@@ -598,6 +635,19 @@ def test_params_reject_unbounded_download_limits(
     assert "\n" not in message and str(path) in message
     for word in words:
         assert word in message
+
+
+def test_copy_file_returns_the_sha256_of_what_landed_and_keeps_the_cap(tmp_path: Path) -> None:
+    src = tmp_path / "cache" / "blob"
+    src.parent.mkdir()
+    src.write_bytes(BODY)
+    assert download.copy_file(src, tmp_path / "out.json") == BODY_SHA
+    assert (tmp_path / "out.json").read_bytes() == BODY
+    with pytest.raises(DownloadError, match=r"^repo x\.json: .*larger than the cap of 100 bytes"):
+        download.copy_file(src, tmp_path / "capped.json", max_bytes=100, shown="repo x.json")
+    with pytest.raises(DownloadError, match="local file not found"):
+        download.copy_file(tmp_path / "nope", tmp_path / "nope.json")
+    assert leftovers(tmp_path) == ["cache", "out.json"]
 
 
 def test_local_copies_are_checked_against_the_size_and_the_cap(tmp_path: Path) -> None:

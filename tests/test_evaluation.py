@@ -12,6 +12,7 @@ import pytest
 
 from gpt2_instruct.evaluation import (
     PER_ENTRY_FIELDS,
+    SCORE_FIELDS,
     chrf_corpus,
     chrf_sentence,
     exact_match,
@@ -20,6 +21,7 @@ from gpt2_instruct.evaluation import (
     score_entries,
     worst_entries,
     write_per_entry_csv,
+    write_scores_csv,
 )
 
 
@@ -193,6 +195,28 @@ def test_csv_without_rows_has_header(tmp_path: Path) -> None:
         reader = csv.DictReader(handle)
         assert list(reader) == []
         assert "rougeL" in (reader.fieldnames or [])
+
+
+@pytest.mark.parametrize("losses", [[0.1, 0.2, 0.3, 0.4, 0.5], None])
+def test_scores_csv_has_the_numbers_and_no_text(tmp_path: Path, losses: list | None) -> None:
+    """The table dvc.yaml plots: DVC copies every column of it into a <script> of its HTML."""
+    hostile = entry("</script><script>alert(1)</script>", '</script>, "quoted"\nline')
+    rows, _ = score_entries([*ENTRIES, hostile], losses)
+    dest = tmp_path / "scores.csv"
+    write_scores_csv(dest, rows)
+    text = dest.read_text(encoding="utf-8")
+    assert "script" not in text and '"' not in text
+    with open(dest, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        read = list(reader)
+    expected = [f for f in SCORE_FIELDS if losses is not None or f != "response_loss"]
+    assert reader.fieldnames == expected
+    assert [int(r["exact_match"]) for r in read] == [int(r["exact_match"]) for r in rows]
+    assert [int(r["exact_match"]) for r in read][:2] == [1, 0]
+    for got, want in zip(read, rows, strict=True):
+        assert int(got["index"]) == want["index"]
+        for field in expected[2:]:
+            assert float(got[field]) == want[field], field
 
 
 def test_worst_entries() -> None:

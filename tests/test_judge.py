@@ -6,7 +6,6 @@ import contextlib
 import csv
 import dataclasses
 import json
-import math
 import socket
 import threading
 import time
@@ -32,7 +31,7 @@ from gpt2_instruct.judge import (
     judge_entries,
     parse_score,
 )
-from gpt2_instruct.params import EvaluateParams, JudgeParams, ParamsError, load_params
+from gpt2_instruct.params import JudgeParams, ParamsError, load_params
 from gpt2_instruct.stages import EXPECTED_ERRORS, run_stage
 
 # --- fake server ----------------------------------------------------------------------------
@@ -322,10 +321,10 @@ def test_the_judge_takes_the_params_themselves(tmp_path: Path) -> None:
     assert own_settings == [] and not hasattr(judge, "JudgeConfig")
     path = tmp_path / "params.yaml"
     path.write_text(
-        "evaluate:\n  judge:\n    backend: openai\n    model: m\n    timeout: 3\n"
-        "    backoff: 0\n    temperature: 0.5\n    seed: 7\n    num_ctx: 4096\n"
+        "judge:\n  backend: openai\n  model: m\n  timeout: 3\n"
+        "  backoff: 0\n  temperature: 0.5\n  seed: 7\n  num_ctx: 4096\n"
     )
-    params = load_params(path).evaluate.judge
+    params = load_params(path).judge
     assert isinstance(params, JudgeParams)
     assert (params.backend, params.model, params.timeout, params.backoff) == (
         "openai",
@@ -360,14 +359,12 @@ def test_bad_judge_params_fail_in_params_validation(
     tmp_path: Path, backend: str, setting: str, key: str, problem: str
 ) -> None:
     path = tmp_path / "params.yaml"
-    path.write_text(f"evaluate:\n  judge:\n    backend: {backend}\n    {setting}\n")
+    path.write_text(f"judge:\n  backend: {backend}\n  {setting}\n")
     with pytest.raises(ParamsError) as info:
         load_params(path)
     message = str(info.value)
     # The key is named either by the judge's own check or by the generic type/range check.
-    assert message.startswith(
-        (f"{path}: evaluate.judge: {key} ", f"{path}: evaluate.judge.{key}: ")
-    ), message
+    assert message.startswith((f"{path}: judge: {key} ", f"{path}: judge.{key}: ")), message
     assert problem in message
     assert "\n" not in message
 
@@ -376,15 +373,14 @@ def test_bad_judge_params_stop_the_stage_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "params.yaml"
-    path.write_text("evaluate:\n  judge:\n    backend: ollama\n    timeout: 0\n")
+    path.write_text("judge:\n  backend: ollama\n  timeout: 0\n")
     called = []
     with pytest.raises(SystemExit) as info:
         run_stage("test", {}, lambda params, paths: called.append(1), ["--params", str(path)])
     assert info.value.code == 1
     assert called == []
     assert (
-        capsys.readouterr().err == f"error: {path}: evaluate.judge: timeout must be > 0 "
-        "seconds, got 0.0\n"
+        capsys.readouterr().err == f"error: {path}: judge: timeout must be > 0 seconds, got 0.0\n"
     )
 
 
@@ -392,10 +388,10 @@ def test_unknown_judge_keys_fail_and_an_api_key_is_sent_to_the_environment(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "params.yaml"
-    path.write_text("evaluate:\n  judge:\n    modle: x\n")
-    with pytest.raises(ParamsError, match=r"evaluate.judge: unknown key\(s\) \['modle'\]"):
+    path.write_text("judge:\n  modle: x\n")
+    with pytest.raises(ParamsError, match=r"judge: unknown key\(s\) \['modle'\]"):
         load_params(path)
-    path.write_text("evaluate:\n  judge:\n    backend: openai\n    api_key: sk-123\n")
+    path.write_text("judge:\n  backend: openai\n  api_key: sk-123\n")
     with pytest.raises(ParamsError, match=r"unknown key\(s\) \['api_key'\] \(api_key: ") as info:
         load_params(path)
     assert "environment variable" in str(info.value) and "api_key_env" in str(info.value)
@@ -812,45 +808,28 @@ def test_every_reason_is_documented() -> None:
     }
 
 
-# --- the evaluate stage ----------------------------------------------------------------------
+# --- the judge stage -------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def evaluate_stage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
-    """The evaluate stage with its model and tokenized split faked; the judge part is real."""
-    from gpt2_instruct.stages import evaluate as stage
+def judge_stage(tmp_path: Path) -> SimpleNamespace:
+    """The judge stage on three answers, its outputs in tmp_path."""
+    from gpt2_instruct.stages import judge as stage
 
-    entries = make_entries(3)
-    responses = tmp_path / "responses.json"
-    responses.write_text(json.dumps(entries), encoding="utf-8")
-    monkeypatch.setattr(stage, "resolve_device", lambda name: "cpu")
-    model = SimpleNamespace(config=SimpleNamespace(vocab_size=50257))
-    monkeypatch.setattr(
-        stage, "load_instruct_model", lambda *a, **k: (model, SimpleNamespace(eot_id=0), None)
-    )
-
-    class FakeSplit(list):
-        def check_ids(self, source: object, vocab_size: int | None = None) -> None:
-            pass
-
-    monkeypatch.setattr(stage, "TokenizedSplit", SimpleNamespace(load=lambda p: FakeSplit(entries)))
-    monkeypatch.setattr(stage, "response_losses", lambda *a, limit, **k: [1.0] * limit)
+    responses = tmp_path / "data/responses/test.json"
+    responses.parent.mkdir(parents=True)
+    responses.write_text(json.dumps(make_entries(3)), encoding="utf-8")
     out = SimpleNamespace(
-        metrics=tmp_path / "metrics/eval.json",
-        per_entry=tmp_path / "metrics/eval_per_entry.csv",
-        plots=tmp_path / "plots/eval",
+        responses=responses,
+        metrics=tmp_path / "metrics/judge.json",
+        per_entry=tmp_path / "metrics/judge_per_entry.csv",
+        scores=tmp_path / "metrics/judge_scores.csv",
     )
 
-    def run(params: EvaluateParams) -> dict[str, Any]:
-        return stage.evaluate(
-            params,
-            responses,
-            tmp_path / "model",
-            tmp_path / "tokenized",
-            out.metrics,
-            out.per_entry,
-            out.plots,
-        )
+    def run(params: JudgeParams) -> dict[str, Any]:
+        return stage.judge(params, out.responses, out.metrics, out.per_entry, out.scores)
 
     out.run = run
     return out
@@ -861,85 +840,211 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_evaluate_fails_after_writing_offline_metrics_when_nothing_is_scored(
-    evaluate_stage: SimpleNamespace,
+def _header(path: Path) -> list[str]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return next(csv.reader(handle))
+
+
+def test_backend_none_writes_not_run_without_reading_the_answers(
+    judge_stage: SimpleNamespace,
 ) -> None:
-    url = f"http://127.0.0.1:{free_port()}"
-    judge = JudgeParams(backend="ollama", url=url, timeout=2.0, retries=0)
+    judge_stage.responses.unlink()  # not even read: `dvc repro` stays offline and quick
+    report = judge_stage.run(JudgeParams())
+    saved = json.loads(judge_stage.metrics.read_text(encoding="utf-8"))
+    assert saved == report == {"judge_status": "not run", "judge_backend": "none"}
+    assert _csv_rows(judge_stage.per_entry) == [] and _csv_rows(judge_stage.scores) == []
+    assert _header(judge_stage.per_entry) == ["index", "score", "reason", "error", "reply"]
+    assert _header(judge_stage.scores) == ["index", "score", "reason"]
+
+
+def test_a_complete_run_writes_metrics_and_both_tables(
+    judge_stage: SimpleNamespace, server: FakeServer
+) -> None:
+    server.script = [("reply", "80"), ("reply", "60"), ("reply", "71.")]
+    report = judge_stage.run(ollama(server))
+    assert report["judge_status"] == "complete"
+    assert (report["judge_entries"], report["judge_count"]) == (3, 3)
+    assert report["judge_scored_fraction"] == 1.0 and report["judge_mean"] == 70.33333333333333
+    assert json.loads(judge_stage.metrics.read_text(encoding="utf-8")) == report
+    rows = _csv_rows(judge_stage.per_entry)
+    assert [(r["index"], r["score"], r["reply"]) for r in rows] == [
+        ("0", "80", "80"),
+        ("1", "60", "60"),
+        ("2", "71", "71."),
+    ]
+    assert _csv_rows(judge_stage.scores) == [
+        {"index": str(i), "score": score, "reason": ""}
+        for i, score in enumerate(["80", "60", "71"])
+    ]
+
+
+def test_the_plotted_table_holds_no_server_text(
+    judge_stage: SimpleNamespace, server: FakeServer
+) -> None:
+    """dvc plots puts every column of a plotted file into a <script> of its HTML."""
+    attack = "</script><script>alert(1)</script>"
+    server.script = [("reply", "90"), ("reply", attack), ("status", 400, attack.encode())]
+    judge_stage.run(dataclasses.replace(ollama(server), min_scored_fraction=0.3))
+    assert "</script>" in judge_stage.per_entry.read_text(encoding="utf-8")  # kept, to read
+    assert "script" not in judge_stage.scores.read_text(encoding="utf-8")
+    assert [r["reason"] for r in _csv_rows(judge_stage.scores)] == [
+        "",
+        "unparseable",
+        "http_status",
+    ]
+
+
+def test_fewer_scored_than_min_scored_fraction_fails_after_writing_everything(
+    judge_stage: SimpleNamespace, server: FakeServer
+) -> None:
+    server.script = [("reply", "80"), ("reply", "good"), ("reply", "90")]  # 2 of 3: 0.67
     with pytest.raises(JudgeError) as info:
-        evaluate_stage.run(EvaluateParams(judge=judge))
+        judge_stage.run(ollama(server))  # the default: 0.9
     assert isinstance(info.value, EXPECTED_ERRORS)  # one line, exit 1, no traceback
     message = str(info.value)
-    assert "\n" not in message
-    assert "scored none of the 3 entries" in message
-    assert f"could not reach Ollama at {url} (connection refused)" in message
-    saved = json.loads(evaluate_stage.metrics.read_text(encoding="utf-8"))
-    assert saved["count"] == 3 and math.isfinite(saved["rougeL"])
-    assert saved["judge_count"] == 0 and saved["judge_failed"] == {"unreachable": 3}
-    assert "could not reach" in saved["judge_error"]
-    rows = _csv_rows(evaluate_stage.per_entry)
-    assert [row["judge_error"].split(":")[0] for row in rows] == ["unreachable"] * 3
-    assert (evaluate_stage.plots / "rougeL_histogram.png").is_file()
+    assert "scored 2 of 3 entries (66.7%), fewer than judge.min_scored_fraction (0.9)" in message
+    assert "{'unparseable': 1}" in message and "\n" not in message
+    saved = json.loads(judge_stage.metrics.read_text(encoding="utf-8"))
+    assert saved["judge_status"] == "failed" and saved["judge_count"] == 2
+    assert [r["score"] for r in _csv_rows(judge_stage.per_entry)] == ["80", "", "90"]
 
 
-def test_evaluate_with_some_scores_succeeds_and_reports_failures(
-    evaluate_stage: SimpleNamespace, server: FakeServer
+def test_at_min_scored_fraction_a_partial_run_succeeds(
+    judge_stage: SimpleNamespace, server: FakeServer
 ) -> None:
-    server.script = [("reply", "80"), ("reply", "good"), ("status", 400, b"too long")]
-    judge = JudgeParams(backend="ollama", url=server.url, timeout=2.0, retries=0)
-    summary = evaluate_stage.run(EvaluateParams(judge=judge))
-    assert summary["judge_count"] == 1 and summary["judge_mean"] == 80
-    assert summary["judge_failed"] == {"http_status": 1, "unparseable": 1}
-    assert summary["judge_error"] is None
-    rows = _csv_rows(evaluate_stage.per_entry)
-    columns = list(rows[0])
-    assert columns[-3:] == ["judge_score", "judge_error", "judge_reply"]
-    assert [row["judge_score"] for row in rows] == ["80", "", ""]
-    assert rows[0]["judge_error"] == ""
-    assert rows[1]["judge_error"].startswith("unparseable: ") and rows[1]["judge_reply"] == "good"
-    assert rows[2]["judge_error"].startswith("http_status: HTTP 400")
+    server.script = [("reply", "80"), ("status", 400, b"too long"), ("reply", "90")]
+    report = judge_stage.run(dataclasses.replace(ollama(server), min_scored_fraction=2 / 3))
+    assert report["judge_status"] == "partial" and report["judge_failed"] == {"http_status": 1}
+    rows = _csv_rows(judge_stage.per_entry)
+    assert rows[1]["reason"] == "http_status" and rows[1]["error"].startswith("http_status: ")
 
 
-def test_evaluate_rejects_an_unusable_api_key_before_any_work(
-    evaluate_stage: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from gpt2_instruct.stages import evaluate as stage
-
-    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-sec ret")
-    monkeypatch.setattr(stage, "load_instruct_model", lambda *a, **k: pytest.fail("model loaded"))
-    judge = JudgeParams(backend="openai", api_key_env="JUDGE_TEST_KEY")
-    with pytest.raises(JudgeError, match="JUDGE_TEST_KEY") as info:
-        evaluate_stage.run(EvaluateParams(judge=judge))
-    assert "sec" not in str(info.value)
-    assert not evaluate_stage.metrics.exists()
-
-
-def test_the_stage_exits_1_with_one_line_when_nothing_is_scored(
-    evaluate_stage: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_nothing_scored_fails_whatever_min_scored_fraction(judge_stage: SimpleNamespace) -> None:
     url = f"http://127.0.0.1:{free_port()}"
+    config = JudgeParams(backend="ollama", url=url, retries=0, min_scored_fraction=1e-9)
+    with pytest.raises(JudgeError) as info:
+        judge_stage.run(config)
+    message = str(info.value)
+    assert message.startswith("the judge scored none of the 3 entries: could not reach ")
+    assert f"Ollama at {url} (connection refused)" in message
+    saved = json.loads(judge_stage.metrics.read_text(encoding="utf-8"))
+    assert saved["judge_status"] == "failed" and saved["judge_failed"] == {"unreachable": 3}
+    assert [r["reason"] for r in _csv_rows(judge_stage.scores)] == ["unreachable"] * 3
+
+
+def test_an_unusable_api_key_fails_before_the_answers_are_read(
+    judge_stage: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-sec ret")
+    judge_stage.responses.unlink()
+    with pytest.raises(JudgeError, match="JUDGE_TEST_KEY") as info:
+        judge_stage.run(JudgeParams(backend="openai", api_key_env="JUDGE_TEST_KEY"))
+    assert "sec" not in str(info.value)
+    assert not judge_stage.metrics.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("[", "invalid JSON at line 1"),
+        ("[]", "contains no entries"),
+        ('[{"instruction": "x", "output": "y"}]', "entry 0: field 'model_response'"),
+    ],
+)
+def test_bad_answers_are_a_data_error_naming_the_file(
+    judge_stage: SimpleNamespace, server: FakeServer, content: str, problem: str
+) -> None:
+    from gpt2_instruct.data import DataError
+
+    judge_stage.responses.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=problem) as info:
+        judge_stage.run(ollama(server))
+    assert str(judge_stage.responses) in str(info.value)
+    assert server.requests == [] and not judge_stage.metrics.exists()
+
+
+def _stage_script(tmp_path: Path, params: str, judge_stage: SimpleNamespace) -> Any:
+    """Run stages/judge.py as DVC does, in a subprocess, on the fixture's files."""
+    import subprocess
+    import sys
+
     path = tmp_path / "params.yaml"
-    path.write_text(
-        f"evaluate:\n  judge:\n    backend: ollama\n    url: {url}\n    retries: 0\n",
-        encoding="utf-8",
-    )
-    with pytest.raises(SystemExit) as info:
-        run_stage(
-            "test",
-            {},
-            lambda params, paths: evaluate_stage.run(params.evaluate),
-            ["--params", str(path)],
-        )
-    assert info.value.code == 1
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: the judge scored none")
-    assert url in errors[0] and "connection refused" in errors[0]
-    assert json.loads(evaluate_stage.metrics.read_text(encoding="utf-8"))["count"] == 3
+    path.write_text(params, encoding="utf-8")
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "stages/judge.py"),
+        *("--params", str(path), "--responses", str(judge_stage.responses)),
+        *("--metrics", str(judge_stage.metrics), "--per-entry", str(judge_stage.per_entry)),
+        *("--scores", str(judge_stage.scores)),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
-def test_progress_bar_runs(server: FakeServer) -> None:
+def test_the_stage_script_exits_0_when_not_run_and_1_when_the_judge_failed(
+    judge_stage: SimpleNamespace, tmp_path: Path
+) -> None:
+    done = _stage_script(tmp_path, "judge:\n  backend: none\n", judge_stage)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(judge_stage.metrics.read_text(encoding="utf-8"))["judge_status"] == "not run"
+    url = f"http://127.0.0.1:{free_port()}"
+    params = f"judge:\n  backend: ollama\n  url: {url}\n  retries: 0\n"
+    failed = _stage_script(tmp_path, params, judge_stage)
+    assert failed.returncode == 1  # DVC records nothing: the next `dvc repro` judges again
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: the judge scored none of the 3")
+    assert url in errors[0] and "Traceback" not in failed.stderr
+    assert json.loads(judge_stage.metrics.read_text(encoding="utf-8"))["judge_status"] == "failed"
+
+
+def test_progress_in_a_log_is_whole_lines(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     rows, _ = judge_entries(make_entries(2), ollama(server), progress=True)
     assert [row["score"] for row in rows] == [50, 50]
+    err = capsys.readouterr().err  # not a terminal: lines, not a redrawn bar
+    assert "\r" not in err
+    assert "judge: 2/2 (100%)" in err.splitlines()[-1] and "ETA" in err
+
+
+def test_progress_in_a_log_is_timed_and_on_a_terminal_a_live_bar() -> None:
+    import io
+
+    from gpt2_instruct import progress
+
+    log = io.StringIO()
+    with progress.progress_bar(100, "x", "item", file=log) as bar:
+        for _ in range(100):  # all within LOG_EVERY_S: only the first and the last line
+            bar.update(1)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("x: 0/100 (0%)") and lines[1].startswith("x: 100/100 (100%)")
+    stopped = io.StringIO()
+    with progress.progress_bar(5, "x", "item", file=stopped):
+        pass  # closed where it started (a run stopped at once): its line is not repeated
+    [line] = stopped.getvalue().splitlines()
+    assert line.startswith("x: 0/5 (0%)")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    with progress.progress_bar(3, "x", "item", file=terminal) as bar:
+        bar.update(3)
+    assert "\r" in terminal.getvalue() and "3/3" in terminal.getvalue()
+    silent = io.StringIO()
+    with progress.progress_bar(3, "x", "item", file=silent, enabled=False) as bar:
+        bar.update(3)
+    assert silent.getvalue() == ""
+
+
+def test_the_settings_may_come_first(server: FakeServer) -> None:
+    """judge_entries(config, entries) reads as well as judge_entries(entries, config)."""
+    first, _ = judge_entries(ollama(server), make_entries(2))
+    second, _ = judge_entries(make_entries(2), ollama(server))
+    assert first == second and [row["score"] for row in first] == [50, 50]
+    with pytest.raises(TypeError, match="JudgeParams"):
+        judge_entries(make_entries(1), make_entries(1))  # type: ignore[arg-type]
 
 
 # --- parse_score ------------------------------------------------------------------------------

@@ -254,7 +254,8 @@ def test_bf16_rows_rounded_up_give_the_same_loss_and_gradients(
 
 _FIRST_VECTOR_MATH = """
 import torch
-import gpt2_instruct.model  # imports gpt2_instruct.cpu, which settles MKL's vector math
+from gpt2_instruct import devices
+devices.configure("cpu")  # as every stage's frame does: settles MKL's vector math
 torch.set_num_threads(2)
 torch.randn(448, 768) @ torch.randn(768, 3072)  # MKL's threaded product first
 x = torch.linspace(-20, 0, 4_000_000)
@@ -263,9 +264,10 @@ print(((torch.exp(x) - torch.exp(x.double()).float()).abs() / torch.exp(x.double
 
 
 def test_vector_math_is_as_accurate_in_every_process() -> None:
-    """Without ``cpu.settle_vector_math`` the first two-thread ``exp`` after an MKL product was
-    up to 1.5e-4 off in about 1 process in 8 here, for the life of the process (this test
-    then fails with probability ~0.75); with it, every process gets exp to the last bit."""
+    """Without ``devices.configure``'s ``cpu.settle_vector_math`` the first two-thread ``exp``
+    after an MKL product was up to 1.5e-4 off in about 1 process in 8 here, for the life of
+    the process (this test then fails with probability ~0.75); with it, every process gets
+    exp to the last bit."""
     import subprocess
     import sys
 

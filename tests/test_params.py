@@ -162,7 +162,7 @@ def test_literal_values_checked_and_valid_ones_listed(tmp_path):
     message = _error(tmp_path, "finetune:\n  precision: fp16\n")
     assert "finetune.precision" in message
     assert "'fp16'" in message
-    assert "['fp32', 'bf16']" in message
+    assert "['fp32', 'tf32', 'bf16']" in message
     assert load_params(_write(tmp_path, "finetune:\n  precision: bf16\n")).finetune.precision == (
         "bf16"
     )
@@ -238,10 +238,20 @@ def test_nested_random_section_validated(tmp_path):
     assert params.fetch_gpt2.model == FetchParams().model  # other keys keep their defaults
 
 
-def test_nested_judge_section_validated(tmp_path):
-    message = _error(tmp_path, "evaluate:\n  judge:\n    backend: claude\n")
-    assert "evaluate.judge.backend" in message
+def test_judge_section_validated(tmp_path):
+    message = _error(tmp_path, "judge:\n  backend: claude\n")
+    assert ": judge.backend: " in message
     assert "'ollama'" in message
+    message = _error(tmp_path, "judge:\n  min_scored_fraction: 0\n")
+    assert "judge: min_scored_fraction must be in (0, 1]" in message
+    params = load_params(_write(tmp_path, "judge:\n  backend: ollama\n"))
+    assert params.judge.backend == "ollama" and params.judge.min_scored_fraction == 0.9
+
+
+def test_the_old_evaluate_judge_key_says_where_it_moved(tmp_path):
+    message = _error(tmp_path, "evaluate:\n  judge:\n    backend: ollama\n")
+    assert "evaluate: unknown key(s) ['judge'] (judge: moved to judge:" in message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize(
@@ -310,11 +320,12 @@ def test_dvc_params_are_sections_of_params_yaml():
     stages = _dvc_stages()
     assert set(stages) == set(SECTIONS)  # one stage per section, same names
     for name, spec in stages.items():
-        assert spec["params"], name
+        assert name in spec["params"], name  # its own section, whole
         for key in spec["params"]:
             assert isinstance(key, str), (name, key)
-            assert key in raw, (name, key)
-            assert key in SECTIONS, (name, key)
+            section, _, field_name = key.partition(".")  # another stage's single key
+            assert section in raw and section in SECTIONS, (name, key)
+            assert not field_name or field_name in raw[section], (name, key)
 
 
 def test_dvc_commands_and_dependencies_exist():
@@ -338,7 +349,7 @@ def test_stage_scripts_default_to_the_paths_in_dvc_yaml():
 # settings, atomic writes, the bounded JSON reader (json.loads' values or an error), the
 # deadline on HTTP requests (it can end a request, never change a byte that is kept) with
 # the redaction of URLs in messages, and the stages' frame (``gpt2_instruct.stages``).
-PLUMBING = {"params", "io", "devices", "safe_json", "deadline", "stages"}
+PLUMBING = {"params", "io", "safe_json", "deadline", "stages"}
 PACKAGE = REPO_ROOT / "src" / "gpt2_instruct"
 
 
@@ -385,15 +396,24 @@ def test_every_stage_depends_on_exactly_the_code_that_decides_its_outputs():
 
 
 def test_code_deciding_outputs_follows_imports_inside_functions(tmp_path):
-    script = tmp_path / "evaluate.py"
-    script.write_text("from gpt2_instruct.stages.evaluate import evaluate\n", encoding="utf-8")
+    script = tmp_path / "lazy.py"
+    script.write_text("def main():\n    from gpt2_instruct.judge import judge_entries\n")
     reached = _code_deciding_outputs(script)
-    assert "src/gpt2_instruct/judge.py" in reached  # imported only when a judge is set
+    assert "src/gpt2_instruct/judge.py" in reached  # imported inside a function
     assert "src/gpt2_instruct/params.py" not in reached  # plumbing
-    assert "src/gpt2_instruct/generation.py" not in reached  # evaluate never generates
     plain = tmp_path / "plain.py"
     plain.write_text("import gpt2_instruct.plots\n", encoding="utf-8")
     assert _code_deciding_outputs(plain) == {"src/gpt2_instruct/plots.py"}
+
+
+def test_the_judge_and_evaluate_stages_share_no_judging_code():
+    """A judge change reruns only the judge; an evaluate change never reruns the judge."""
+    judge = _code_deciding_outputs(REPO_ROOT / "stages/judge.py")
+    evaluate = _code_deciding_outputs(REPO_ROOT / "stages/evaluate.py")
+    assert "src/gpt2_instruct/judge.py" in judge
+    assert "src/gpt2_instruct/judge.py" not in evaluate
+    for module in ("evaluation.py", "plots.py", "model.py", "generation.py"):
+        assert f"src/gpt2_instruct/{module}" not in judge, module
 
 
 def test_the_pipeline_module_only_gathers_the_stages_functions():
@@ -447,7 +467,7 @@ def test_every_plot_draws_a_file_some_stage_writes():
 
 
 # ------------------------------------------------------------------ run_stage
-def _run_stage(tmp_path: Path, params_text: str, capsys, body=None):
+def _run_stage(tmp_path: Path, params_text: str, capsys, body=None, device_section=None):
     path = _write(tmp_path, params_text)
     calls = []
 
@@ -457,7 +477,10 @@ def _run_stage(tmp_path: Path, params_text: str, capsys, body=None):
             body()
 
     with pytest.raises(SystemExit) as info:
-        stages.run_stage("test", {"out": "data/x"}, record, ["--params", str(path)])
+        stages.run_stage(
+            "test", {"out": "data/x"}, record, ["--params", str(path)],
+            device_section=device_section,
+        )  # fmt: skip
         raise SystemExit(0)
     return info.value.code, capsys.readouterr(), calls
 
@@ -533,16 +556,22 @@ def test_section_with_every_key_commented_out_means_the_defaults(tmp_path):
 def test_run_stage_keeps_freed_memory_for_fp32_and_for_bf16_with_the_cache_off(
     tmp_path, capsys, monkeypatch, strategy, precision, tunables, reused
 ):
-    applied = []
+    applied, restarts = [], []
     monkeypatch.setattr(devices, "reuse_freed_memory", lambda: applied.append(True) or True)
+    monkeypatch.setattr(devices, "relaunch_without_per_thread_cache", lambda *a: restarts.append(a))
     if tunables is None:
         monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     else:
         monkeypatch.setenv("GLIBC_TUNABLES", tunables)
-    text = f"finetune:\n  precision: {precision}\n  distributed:\n    strategy: {strategy}\n"
-    code, _, calls = _run_stage(tmp_path, text, capsys)
+    text = (
+        f"finetune:\n  device: cpu\n  precision: {precision}\n"
+        f"  distributed:\n    strategy: {strategy}\n"
+    )
+    code, _, calls = _run_stage(tmp_path, text, capsys, device_section="finetune")
     assert code == 0 and len(calls) == 1
     assert applied == ([True] if reused else [])
+    # bf16 without FSDP restarts first (the cache off), unless it already runs so
+    assert len(restarts) == (precision == "bf16" and strategy != "fsdp")
 
 
 # ------------------------------------------- hostile values: ranges, caps, limits (issue 22)

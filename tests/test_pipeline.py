@@ -2,7 +2,7 @@
 
 A 40-entry data set, a hand-made BPE (256 bytes + 3 merges + <|endoftext|>) and a
 one-layer random model go through download, prepare, fetch_gpt2, tokenize, finetune,
-generate and evaluate in a few seconds on a CPU.
+generate, evaluate and judge (backend none, as in params.yaml) in a few seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import hashlib
 import http.server
 import json
 import math
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file
 from test_params import dvc_plot_files
 
@@ -32,7 +32,7 @@ from gpt2_instruct import pipeline, training
 from gpt2_instruct.batching import TokenizedSplit
 from gpt2_instruct.data import DataError, Entry, format_prompt, load_entries, write_entries
 from gpt2_instruct.download import DownloadError
-from gpt2_instruct.model import GPT2_CONFIGS, GPTConfig, GPTModel
+from gpt2_instruct.model import GPTConfig, GPTModel
 from gpt2_instruct.model_dir import load_instruct_model
 from gpt2_instruct.params import (
     DownloadParams,
@@ -48,9 +48,9 @@ from gpt2_instruct.params import (
 )
 from gpt2_instruct.stages import fetch_gpt2 as fetch_gpt2_stage
 from gpt2_instruct.stages import generate as generate_stage
+from gpt2_instruct.stages import judge as judge_stage
 from gpt2_instruct.tokenizer import ENCODER_JSON, ENDOFTEXT, VOCAB_BPE, load_tokenizer
 from gpt2_instruct.training import CHECKPOINT_NAME
-from gpt2_instruct.weights import WeightsError, load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # "Ċ" is GPT-2's character for the newline byte: "Ċ Ċ" merges "\n\n".
@@ -134,7 +134,11 @@ def run(tmp_path_factory, bpe_dir):
         generate_metrics=root / "metrics/generate.json",
         eval_metrics=root / "metrics/eval.json",
         per_entry=root / "metrics/eval_per_entry.csv",
+        eval_scores=root / "metrics/eval_scores.csv",
         eval_plots=root / "plots/eval",
+        judge_metrics=root / "metrics/judge.json",
+        judge_per_entry=root / "metrics/judge_per_entry.csv",
+        judge_scores=root / "metrics/judge_scores.csv",
         checkpoint_seen=[],
     )
     pins = {name: _sha256(bpe_dir / name) for name in (ENCODER_JSON, VOCAB_BPE)}
@@ -196,6 +200,10 @@ def run(tmp_path_factory, bpe_dir):
             p.eval_metrics,
             p.per_entry,
             p.eval_plots,
+            p.eval_scores,
+        )
+        p.judge_report = judge_stage.judge(
+            JudgeParams(), p.responses, p.judge_metrics, p.judge_per_entry, p.judge_scores
         )
     return p
 
@@ -617,8 +625,61 @@ def test_evaluate_metrics_and_outputs(run):
     results = json.loads(run.responses.read_text(encoding="utf-8"))
     assert [row["instruction"] for row in rows] == [r["instruction"] for r in results]
     assert [row["model_response"] for row in rows] == [r["model_response"] for r in results]
-    for name in ("rougeL_histogram.png", "rougeL_per_entry.png"):
-        assert (run.eval_plots / name).read_bytes().startswith(PNG_MAGIC), name
+    assert sorted(p.name for p in run.eval_plots.iterdir()) == ["rougeL_histogram.png"]
+    assert (run.eval_plots / "rougeL_histogram.png").read_bytes().startswith(PNG_MAGIC)
+    assert "judge_count" not in metrics  # the judge is a stage of its own
+
+
+def test_evaluate_scores_table_is_the_per_entry_numbers_without_text(run):
+    """What dvc.yaml plots: the same numbers as the readable table, and no text at all."""
+    with run.per_entry.open(encoding="utf-8", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    with run.eval_scores.open(encoding="utf-8", newline="") as handle:
+        scores = list(csv.DictReader(handle))
+    assert list(scores[0]) == [
+        "index",
+        "exact_match",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "chrf",
+        "response_loss",
+        "response_chars",
+    ]
+    assert len(scores) == len(table) == N_TEST
+    for row, full in zip(scores, table, strict=True):
+        assert row["exact_match"] == str(int(full["exact_match"] == "True"))
+        for key in ("index", "rougeL", "chrf", "response_loss", "response_chars"):
+            assert float(row[key]) == float(full[key]), key
+    assert all(math.isfinite(float(value)) for row in scores for value in row.values())
+
+
+def test_every_dvc_plot_names_columns_the_stages_write(run):
+    """A renamed column would leave a dvc.yaml plot empty (or failing) without this."""
+    items = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8"))["plots"]
+    checked = 0
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        [(name, spec)] = item.items()
+        sources = spec["y"] if isinstance(spec.get("y"), dict) else {name: spec.get("y")}
+        for source, fields in sources.items():
+            if not source.endswith((".csv", ".tsv")):
+                continue
+            delimiter = "\t" if source.endswith(".tsv") else ","
+            with (run.root / source).open(encoding="utf-8", newline="") as handle:
+                header = next(csv.reader(handle, delimiter=delimiter))
+            wanted = [fields] if isinstance(fields, str) else list(fields or [])
+            for field in [spec.get("x"), *wanted]:
+                assert field is None or field in header, (name, source, field, header)
+            checked += 1
+    assert checked >= 5
+
+
+def test_judge_with_backend_none_says_not_run(run):
+    assert run.judge_report == {"judge_status": "not run", "judge_backend": "none"}
+    assert json.loads(run.judge_metrics.read_text(encoding="utf-8")) == run.judge_report
+    assert run.judge_scores.read_text(encoding="utf-8").splitlines() == ["index,score,reason"]
 
 
 def test_evaluate_response_loss_is_the_models_loss_on_the_answers(run):
@@ -779,36 +840,42 @@ class _FakeOllama(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _evaluate_with_judge(run, tmp_path, url: str) -> dict:
-    judge = JudgeParams(backend="ollama", url=url, timeout=5.0, retries=0)
-    return pipeline.evaluate(
-        EvaluateParams(device="cpu", judge=judge),
+def _judge(run, tmp_path, url: str, **settings) -> dict:
+    judge = JudgeParams(backend="ollama", url=url, timeout=5.0, retries=0, **settings)
+    return judge_stage.judge(
+        judge,
         run.responses,
-        run.model,
-        run.tokenized,
-        tmp_path / "eval.json",
-        tmp_path / "per_entry.csv",
-        tmp_path / "plots",
+        tmp_path / "judge.json",
+        tmp_path / "judge_per_entry.csv",
+        tmp_path / "judge_scores.csv",
     )
 
 
-def test_evaluate_with_a_judge_server(run, tmp_path):
+def test_judge_stage_with_a_judge_server(run, tmp_path):
+    """One garbage reply of the 4: 75% scored passes at 0.75 and fails the default 0.9."""
+    from gpt2_instruct.judge import JudgeError
+
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOllama)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
     try:
-        summary = _evaluate_with_judge(run, tmp_path, f"http://127.0.0.1:{server.server_port}")
+        _FakeOllama.calls = 0
+        summary = _judge(run, tmp_path, url, min_scored_fraction=0.75)
+        _FakeOllama.calls = 0
+        with pytest.raises(JudgeError, match=r"scored 3 of 4 entries \(75.0%\)"):
+            _judge(run, tmp_path / "strict", url)
     finally:
         server.shutdown()
-    n = summary["count"]
-    assert summary["judge_count"] == n - 1 and summary["judge_unparseable"] == 1
+    assert summary["judge_status"] == "partial" and summary["judge_entries"] == N_TEST
+    assert summary["judge_count"] == N_TEST - 1 and summary["judge_unparseable"] == 1
     assert summary["judge_mean"] == 42
-    assert math.isfinite(summary["rougeL"])  # offline metrics are still there
-    rows = list(csv.DictReader((tmp_path / "per_entry.csv").open(encoding="utf-8")))
-    assert [r["judge_score"] for r in rows].count("42") == n - 1
-    assert (tmp_path / "plots/judge_histogram.png").read_bytes().startswith(PNG_MAGIC)
+    rows = list(csv.DictReader((tmp_path / "judge_scores.csv").open(encoding="utf-8")))
+    assert [r["score"] for r in rows] == ["42", "", "42", "42"]
+    strict = json.loads((tmp_path / "strict/judge.json").read_text(encoding="utf-8"))
+    assert strict["judge_status"] == "failed"  # written, to read, though the stage fails
 
 
-def test_evaluate_without_a_judge_server_writes_offline_metrics_then_fails(run, tmp_path):
+def test_judge_stage_without_a_judge_server_fails(run, tmp_path):
     from gpt2_instruct.judge import JudgeError
 
     with socket.socket() as sock:  # a port nobody listens on
@@ -816,69 +883,9 @@ def test_evaluate_without_a_judge_server_writes_offline_metrics_then_fails(run, 
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     with pytest.raises(JudgeError, match="could not reach") as info:  # exit 1: DVC won't cache
-        _evaluate_with_judge(run, tmp_path, url)
+        _judge(run, tmp_path, url)
     assert url in str(info.value) and "scored none" in str(info.value)
-    saved = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
-    assert saved["count"] > 0 and math.isfinite(saved["rougeL"])
-    assert saved["judge_count"] == 0 and saved["judge_failed"] == {"unreachable": saved["count"]}
-    rows = list(csv.DictReader((tmp_path / "per_entry.csv").open(encoding="utf-8")))
-    assert all(row["judge_error"].startswith("unreachable: ") for row in rows)
-
-
-def _serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, list[str]]:
-    """A static file server on 127.0.0.1 that records the paths it was asked for."""
-    requested: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(directory), **kwargs)
-
-        def do_GET(self):
-            requested.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, requested
-
-
-def test_fetch_gpt2_from_a_hub_url_layout(tmp_path, bpe_dir, tokenizer, monkeypatch):
-    """The hub source asks for <hub>/openai-community/<model>/resolve/<revision>/<file>."""
-    transformers = pytest.importorskip("transformers")
-    repo = tmp_path / "hub/openai-community/gpt2/resolve/v1"
-    shape = GPT2_CONFIGS["gpt2"]
-    config = transformers.GPT2Config(
-        vocab_size=tokenizer.vocab_size, n_positions=32, n_embd=shape.n_embd,
-        n_layer=shape.n_layer, n_head=shape.n_head,
-    )  # fmt: skip
-    transformers.GPT2LMHeadModel(config).save_pretrained(repo)
-    shutil.copytree(repo, tmp_path / "hub/openai-community/gpt2-medium/resolve/v1")
-    (tmp_path / "hub/bpe").mkdir()
-    for name in (ENCODER_JSON, VOCAB_BPE):
-        (tmp_path / "hub/bpe" / name).write_bytes((bpe_dir / name).read_bytes())
-    pins = {name: _sha256(bpe_dir / name) for name in (ENCODER_JSON, VOCAB_BPE)}
-    monkeypatch.setattr(fetch_gpt2_stage, "BPE_SHA256", pins)
-    server, requested = _serve(tmp_path / "hub")
-    base = f"http://127.0.0.1:{server.server_port}"
-    try:
-        params = FetchParams(source="hub", model="gpt2", revision="v1", hub_url=base,
-                             bpe_source=f"{base}/bpe")  # fmt: skip
-        pipeline.fetch_gpt2(params, tmp_path / "encoding", tmp_path / "base")
-        wrong = FetchParams(source="hub", model="gpt2-medium", revision="v1", hub_url=base,
-                            bpe_source=f"{base}/bpe")  # fmt: skip
-        with pytest.raises(WeightsError, match="does not have the shape of gpt2-medium"):
-            pipeline.fetch_gpt2(wrong, tmp_path / "encoding2", tmp_path / "base2")
-        missing = FetchParams(source="hub", model="gpt2-large", revision="v1", hub_url=base,
-                              bpe_source=f"{base}/bpe")  # fmt: skip
-        with pytest.raises(DownloadError, match="404"):
-            pipeline.fetch_gpt2(missing, tmp_path / "encoding3", tmp_path / "base3")
-    finally:
-        server.shutdown()
-    assert "/openai-community/gpt2/resolve/v1/model.safetensors" in requested
-    assert "/openai-community/gpt2/resolve/v1/config.json" in requested
-    loaded = load_model(tmp_path / "base")
-    assert loaded.config.n_layer == shape.n_layer and loaded.config.context_length == 32
-    assert not (tmp_path / "base2").exists() and not (tmp_path / "base3").exists()
+    saved = json.loads((tmp_path / "judge.json").read_text(encoding="utf-8"))
+    assert saved["judge_count"] == 0 and saved["judge_failed"] == {"unreachable": N_TEST}
+    rows = list(csv.DictReader((tmp_path / "judge_per_entry.csv").open(encoding="utf-8")))
+    assert all(row["error"].startswith("unreachable: ") for row in rows)

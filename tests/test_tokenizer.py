@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,95 @@ def test_hostile_bpe_files_fail_with_one_clear_error(tiny_dir, tmp_path, name, c
         load_tokenizer(bad)
     assert str(bad / name) in str(info.value)
     assert isinstance(info.value, TokenizerError | JSONError)
+
+
+# ----------------------------------------------- tiktoken's loader, on our terms
+def test_vocab_bpe_without_a_final_newline_is_rejected(tiny_dir, tmp_path):
+    """tiktoken's reader drops the last line unread: it would silently lose a merge."""
+    bad = _copy_pair(tiny_dir, tmp_path / "bad")
+    (bad / VOCAB_BPE).write_text("#version: 0.2\nt h\nth e", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="does not end with a newline") as info:
+        load_tokenizer(bad)
+    assert str(bad / VOCAB_BPE) in str(info.value)
+
+
+def test_blank_merge_line_names_the_line(tiny_dir, tmp_path):
+    bad = _copy_pair(tiny_dir, tmp_path / "bad")
+    (bad / VOCAB_BPE).write_text("#version: 0.2\nt h\n\nth e\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"line 3 \(''\) is not a merge of two tokens"):
+        load_tokenizer(bad)
+
+
+def test_single_bytes_out_of_gpt2_order_are_rejected(tiny_dir, tmp_path):
+    bad = _copy_pair(tiny_dir, tmp_path / "bad")
+    _edit_encoder(bad, lambda e: e.update({"!": e['"'], '"': e["!"]}))  # swap ids 0 and 1
+    with pytest.raises(TokenizerError, match="not the single bytes in GPT-2's order") as info:
+        load_tokenizer(bad)
+    assert str(bad / ENCODER_JSON) in str(info.value)
+
+
+def test_tiktoken_reads_only_our_local_files_and_caches_nothing(tiny_dir, tmp_path, monkeypatch):
+    """tiktoken's reader fetches anything with ``://`` and caches what it reads: neither here."""
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    read: list[str] = []
+    real_read = tiktoken.load.read_file
+
+    def spy(blobpath: str) -> bytes:
+        read.append(blobpath)
+        return real_read(blobpath)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"tiktoken went to the network: {args}")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", spy)
+    monkeypatch.setattr("requests.get", no_network)
+    tokenizer = load_tokenizer(tiny_dir)
+    assert tokenizer.encode("the") == [THE]
+    assert sorted(read) == sorted([str(tiny_dir / VOCAB_BPE), str(tiny_dir / ENCODER_JSON)])
+    assert list(cache.iterdir()) == []  # nothing cached, so nothing stale can come back
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(cache)  # put back
+
+
+def test_a_changed_file_at_the_same_path_gives_the_new_ranks(tmp_path, write_bpe):
+    """With tiktoken's cache on, the second load would hand back the first file's ranks."""
+    directory = write_bpe(tmp_path / "bpe", [("t", "h")])
+    assert load_tokenizer(directory).encode("th") == [256]
+    write_bpe(directory, [("h", "e")])
+    changed = load_tokenizer(directory)
+    assert changed.encode("he") == [256]
+    assert changed.encode("th") == [_byte_id(ord("t")), _byte_id(ord("h"))]
+
+
+def test_ranks_are_checked_even_when_tiktoken_does_not_assert(tiny_dir, monkeypatch):
+    """tiktoken's own agreement check is an ``assert``, gone under ``python -O``."""
+
+    real = tiktoken.load.data_gym_to_mergeable_bpe_ranks
+
+    def skipped_assert(**kwargs):
+        ranks = real(**kwargs)
+        ranks[b"th"], ranks[b"the"] = ranks[b"the"], ranks[b"th"]  # as if the check were off
+        return ranks
+
+    monkeypatch.setattr(tiktoken.load, "data_gym_to_mergeable_bpe_ranks", skipped_assert)
+    with pytest.raises(TokenizerError, match="ranks from it differ from") as info:
+        load_tokenizer(tiny_dir)
+    assert str(tiny_dir / ENCODER_JSON) in str(info.value)
+
+
+def test_real_ranks_equal_encoder_json_ids(real_dir, real):
+    """tiktoken's construction from vocab.bpe gives every token encoder.json's own id."""
+    order = _gpt2_bytes_in_order()  # printable bytes stand for themselves, the rest shift
+    chars = {chr(b): b for b in order[:188]} | {chr(256 + i): b for i, b in enumerate(order[188:])}
+    encoder = json.loads((real_dir / ENCODER_JSON).read_text(encoding="utf-8"))
+    encoder.pop(ENDOFTEXT)
+    assert len(encoder) == 50256
+    for token, token_id in encoder.items():
+        expected = bytes(chars[ch] for ch in token)
+        assert real.encoding.decode_single_token_bytes(token_id) == expected, token_id
+
+
+def _gpt2_bytes_in_order() -> list[int]:
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    return printable + [b for b in range(256) if b not in printable]

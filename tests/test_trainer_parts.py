@@ -96,13 +96,15 @@ def test_evaluation_reads_the_first_validation_batches_after_steps_1_and_every_n
         ({"micro_batch_size": 2}, 1, False),
         ({"micro_batch_size": 4}, 1, True),  # the whole batch: no accumulation
         ({}, 2, False),
+        ({"optimizer_in_backward": True}, 1, True),
     ],
 )
 def test_updates_run_in_backward_only_where_no_step_needs_every_gradient(
     overrides: dict, world_size: int, expected: bool
 ) -> None:
     params = dataclasses.replace(FinetuneParams(batch_size=4), **overrides)
-    assert backward_updates.applies(params, world_size=world_size) is expected
+    cpu = torch.device("cpu")
+    assert backward_updates.applies(params, world_size=world_size, device=cpu) is expected
 
 
 def test_the_strategy_follows_the_world_and_the_params() -> None:

@@ -14,17 +14,19 @@ from __future__ import annotations
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from gpt2_instruct.devices import updates_in_backward
 from gpt2_instruct.optim import allocate_moments
 from gpt2_instruct.params import FinetuneParams
 from gpt2_instruct.train_batches import micro_batch_size
 
 
-def applies(params: FinetuneParams, *, world_size: int) -> bool:
-    """Whether this run updates in backward: ``optimizer_in_backward``, where nothing needs
-    every gradient first. The one place that decides it."""
+def applies(params: FinetuneParams, *, world_size: int, device: torch.device) -> bool:
+    """Whether this run updates in backward: ``optimizer_in_backward`` (``auto``: on the
+    CPU, ``devices.updates_in_backward``), where nothing needs every gradient first. The
+    one place that decides it."""
     micro = micro_batch_size(params.micro_batch_size, params.batch_size) is not None
     return (
-        bool(params.optimizer_in_backward)
+        updates_in_backward(params.optimizer_in_backward, device)
         and params.grad_clip is None
         and not micro
         and world_size == 1
@@ -32,7 +34,11 @@ def applies(params: FinetuneParams, *, world_size: int) -> bool:
 
 
 def register(
-    optimizer: torch.optim.AdamW, params: FinetuneParams, *, world_size: int
+    optimizer: torch.optim.AdamW,
+    params: FinetuneParams,
+    *,
+    world_size: int,
+    device: torch.device,
 ) -> list[RemovableHandle]:
     """Hooks that step ``optimizer`` for each of its parameters once its gradient is complete;
     none where the run does not update in backward (``applies``).
@@ -40,7 +46,7 @@ def register(
     Each hook steps a single parameter (its group narrowed to it for the call) and frees
     its gradient; removing the hooks restores the step after backward.
     """
-    if not applies(params, world_size=world_size):
+    if not applies(params, world_size=world_size, device=device):
         return []
     # By index: loading a checkpoint's state replaces the optimizer's group dicts.
     group_of = {q: i for i, g in enumerate(optimizer.param_groups) for q in g["params"]}

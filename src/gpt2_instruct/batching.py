@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from safetensors import SafetensorError
@@ -21,6 +22,9 @@ from safetensors.torch import load_file, save_file
 from gpt2_instruct.io import atomic_path
 from gpt2_instruct.model import IGNORE_INDEX
 from gpt2_instruct.safe_json import read_json
+
+# How training batches are drawn (``finetune.batch_order``; ``BatchOrder``).
+BatchOrderMode = Literal["reference", "length_grouped"]
 
 
 class SplitError(ValueError):
@@ -179,7 +183,7 @@ class BatchOrder:
     so batches carry little padding while the order stays random and seeded.
     """
 
-    MODES = ("reference", "length_grouped")
+    MODES: tuple[str, ...] = get_args(BatchOrderMode)
 
     def __init__(
         self,
@@ -187,7 +191,7 @@ class BatchOrder:
         batch_size: int,
         *,
         seed: int,
-        mode: str = "reference",
+        mode: BatchOrderMode = "reference",
         pool_batches: int = 32,
     ) -> None:
         if mode not in self.MODES:

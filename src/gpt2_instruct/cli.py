@@ -1,4 +1,5 @@
-"""Command line for talking to a fine-tuned model: ``chat`` (interactive) and ``generate``.
+"""Command line for talking to a fine-tuned model: ``chat`` (interactive) and ``generate``;
+``serve`` puts it behind an OpenAI-compatible HTTP API (``gpt2_instruct.serve``).
 
 Both commands build the prompt exactly as training did (``format_prompt`` with the style
 saved in ``config.json``), so the model sees the template it learned, and both show the
@@ -22,7 +23,7 @@ from typing import Any, TextIO
 import torch
 
 from gpt2_instruct.data import RESPONSE_EXTRACTIONS, Entry, extract_response, format_prompt
-from gpt2_instruct.devices import resolve_device
+from gpt2_instruct.devices import configure
 from gpt2_instruct.generation import generate
 from gpt2_instruct.model import GPTModel
 from gpt2_instruct.model_dir import load_instruct_model
@@ -230,9 +231,10 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 
 def _device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present: chat latency matters more than bit-exactness."""
+    """The device seam for this command (``devices.configure``); ``auto`` picks CUDA when
+    present: chat latency matters more than bit-exactness."""
     try:
-        return resolve_device(name)
+        return configure(name).device
     except ValueError as err:
         raise ValueError(f"--{err}") from None
 
@@ -308,6 +310,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model over an OpenAI-compatible HTTP API until interrupted."""
+    try:  # the server's libraries are the optional extra "serve"; the pipeline needs none
+        from gpt2_instruct.serve import ServeOptions, run_server
+    except ImportError as err:
+        raise ValueError(
+            f"serve needs FastAPI and uvicorn ({err}); install them with "
+            "pip install 'gpt2-instruct[serve]'"
+        ) from None
+    defaults = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+    options = ServeOptions(
+        model_id=args.model_name or args.model.resolve().name,
+        defaults=defaults,
+        max_tokens_limit=args.max_tokens_limit,
+        max_body_bytes=args.max_body_bytes,
+    )
+    run_server(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=_device(args.device),
+        options=options,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        response_extraction=args.response_extraction,
+    )
+    return 0
+
+
 # --- argument parsing ----------------------------------------------------------------------
 
 
@@ -317,6 +353,18 @@ def _number(text: str, kind: type[int] | type[float]) -> int | float:
         return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    """The argparse type of an integer option in ``low..high``."""
+
+    def parse(text: str) -> int:
+        value = int(_number(text, int))
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        return value
+
+    return parse
 
 
 def _param(name: str) -> Callable[[str], Any]:
@@ -337,8 +385,8 @@ def _param(name: str) -> Callable[[str], Any]:
     return parse
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    """Options shared by both commands, so they decode identically."""
+def _add_common(parser: argparse.ArgumentParser, *, seed: bool = True) -> None:
+    """Options shared by the commands, so they decode identically (``serve`` has no --seed)."""
     parser.add_argument(
         "--model",
         required=True,
@@ -360,12 +408,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS.top_p,
         help="nucleus sampling probability mass",
     )
-    parser.add_argument(
-        "--seed",
-        type=_param("seed"),
-        default=DEFAULTS.seed,
-        help="sampling seed (default %(default)s)",
-    )
+    if seed:
+        parser.add_argument(
+            "--seed",
+            type=_param("seed"),
+            default=DEFAULTS.seed,
+            help="sampling seed (default %(default)s)",
+        )
     parser.add_argument(
         "--max-new-tokens",
         type=_param("max_new_tokens"),
@@ -388,7 +437,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``gpt2-instruct`` argument parser with its ``chat`` and ``generate`` commands."""
+    """The ``gpt2-instruct`` argument parser with its ``chat``, ``generate`` and ``serve``
+    commands."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="Talk to an instruction-fine-tuned GPT-2 model."
     )
@@ -414,7 +464,55 @@ def build_parser() -> argparse.ArgumentParser:
         help='print {"instruction", "input", "model_response"} as one JSON line',
     )
     gen.set_defaults(func=cmd_generate)
+    _add_serve(commands)
     return parser
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    """The ``serve`` command; the sampling options are the defaults of requests that give none
+    (a request without ``seed`` gets a random one, so there is no --seed)."""
+    serve = commands.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server",
+        description="Serve the model at http://HOST:PORT/v1 (/models, /chat/completions, "
+        "/completions; stream: true for server-sent events). A chat is one user message, the "
+        "instruction, and optionally a second, its input. --temperature, --top-k, --top-p and "
+        "--max-new-tokens are the defaults of requests that leave them out. Unauthenticated: "
+        "keep the default host 127.0.0.1 unless a proxy in front checks access.",
+    )
+    _add_common(serve, seed=False)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    serve.add_argument(
+        "--port", type=_bounded(1, 65535), default=8000, help="TCP port (default %(default)s)"
+    )
+    serve.add_argument(
+        "--model-name", help="the model id clients ask for (default: the directory's name)"
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=_bounded(1, 256),
+        default=8,
+        help="most greedy requests decoded together (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=_bounded(1, 100_000),
+        default=64,
+        help="most requests waiting; more get HTTP 503 (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-tokens-limit",
+        type=_bounded(1, 1 << 20),
+        default=None,
+        help="largest max_tokens a request may ask for (default: what the context holds)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=_bounded(1, 1 << 30),
+        default=1 << 20,
+        help="largest request body; larger ones get HTTP 413 (default %(default)s)",
+    )
+    serve.set_defaults(func=cmd_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

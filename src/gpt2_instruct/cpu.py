@@ -8,7 +8,9 @@ each piece makes the CPU faster or steadier, with the measurement in its docstri
   products see row counts that repeat, so oneDNN stops compiling a kernel per batch.
 * ``attention_backend``: SDPA's math kernel for bf16 training, where its backward is faster.
 
-On other devices ``linear`` is ``F.linear`` and ``attention_backend`` chooses nothing.
+Whether a tensor gets the CPU's shaping is the device seam's choice
+(``devices.shapes_products``): on other devices ``linear`` is ``F.linear`` and
+``attention_backend`` chooses nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from gpt2_instruct.devices import shapes_products
 
 # Row counts at which a CPU product with grad mode off runs as W @ x^T (see ``linear``).
 _WEIGHT_FIRST_ROWS = range(8, 33)
@@ -43,20 +47,18 @@ def settle_vector_math() -> None:
     the bit. One call on one element, on this thread, settles the choice: none of
     130 such bare runs and none of 68 fine-tuning processes differed since.
 
-    It runs when this module is imported, which ``gpt2_instruct.model`` does, so every
-    process that builds a model has it before its first product. The device seam
-    (``gpt2_instruct.devices``) is to own this call; calling it again is harmless.
+    The device seam (``devices.configure``) calls it for every CPU process, before its
+    first product; calling it again is harmless.
     """
     torch.exp(torch.zeros(1))
-
-
-settle_vector_math()
 
 
 def pads_bf16_rows(rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a product of ``rows`` rows of ``x`` by ``weight`` gets zero rows (``linear``):
     over 32 rows and no multiple of 32, in bf16 (autocast or dtype) on the CPU."""
-    if rows <= _BF16_ROW_MULTIPLE or rows % _BF16_ROW_MULTIPLE == 0 or x.device.type != "cpu":
+    if rows <= _BF16_ROW_MULTIPLE or rows % _BF16_ROW_MULTIPLE == 0:
+        return False
+    if not shapes_products(x.device):
         return False
     if torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -94,7 +96,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     The values are F.linear's up to rounding (sums accumulated in another order).
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.device.type != "cpu":
+    if not shapes_products(x.device):
         return F.linear(x, weight, bias)
     if rows in _WEIGHT_FIRST_ROWS and not torch.is_grad_enabled():
         columns = x.reshape(rows, x.shape[-1]).t()  # (K, M)
@@ -126,6 +128,6 @@ def attention_backend(q: torch.Tensor) -> contextlib.AbstractContextManager[None
     against 4.3 ms; ``bench/attention.py``). In fp32 flash is the faster (3.8 against
     5.3 ms) and stays, so fp32 results do not move. Inference keeps flash too.
     """
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad:
+    if shapes_products(q.device) and q.dtype == torch.bfloat16 and q.requires_grad:
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()

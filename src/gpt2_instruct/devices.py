@@ -1,4 +1,27 @@
-"""Which torch device a stage, the chat command or a rank runs on, and how it uses host memory."""
+"""The device seam: every platform-specific choice is decided here, and applied once.
+
+A stage's frame (``gpt2_instruct.stages.run_stage``), the CLI and the benches call
+``configure(device, precision, strategy)`` once, before any work. It resolves the device,
+builds a ``Platform`` (a frozen record of every decision, each a plain function of the
+device type, the precision and the parallel strategy, so it can be tested for CUDA on a
+machine without one) and applies the process-wide ones:
+
+============================  ================================  ============================
+decision                      CPU                               CUDA
+============================  ================================  ============================
+vector math settled           yes (``cpu.settle_vector_math``)  no (no MKL VML)
+freed host memory kept        yes, unless FSDP (``mallopt``)    no (glibc's defaults)
+bf16 relaunch, no tcache      bf16 without FSDP, on glibc       no
+products shaped for kernels   yes (``cpu.linear``)              no: ``F.linear``
+loss on counted targets only  yes (``loss.Packing`` & co)       no: dense, no host syncs
+updates in backward (auto)    yes (saves a gradient's memory)   no: one fused step
+matmul precision              fp32 exact                        fp32 exact, or TF32 (tf32)
+autocast                      bf16                              bf16
+============================  ================================  ============================
+
+The per-tensor choices (products, loss path, attention kernel) are asked of the
+functions below with the tensor's device, so a model moved between devices follows.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +30,8 @@ import ctypes.util
 import os
 import platform
 import sys
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -29,6 +54,116 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: CUDA is not available on this machine")
     return device
+
+
+Precision = Literal["fp32", "tf32", "bf16"]
+Strategy = Literal["single", "ddp", "fsdp"]
+
+
+def shapes_products(device: torch.device) -> bool:
+    """Whether products are arranged for the CPU's kernels (``cpu.linear``): CPU only."""
+    return device.type == "cpu"
+
+
+def counts_only_targets(device: torch.device) -> bool:
+    """Whether the loss runs the blocks and the head only where targets count (``loss``).
+
+    On the CPU the saved work is most of a step (padding and prompts are half the
+    positions of the reference's batches). Finding those positions reads a mask on the
+    host (``nonzero``, boolean indexing): on CUDA that is a sync per forward, which
+    stalls the GPU's queue and rules out CUDA graphs, and ``index_add_`` makes the tied
+    gradient non-deterministic; the GPU computes the dense loss instead, same formula.
+    """
+    return device.type == "cpu"
+
+
+def updates_in_backward(setting: bool | Literal["auto"], device: torch.device) -> bool:
+    """``optimizer_in_backward``: ``auto`` is on where it pays, the CPU.
+
+    Updating each weight in backward never holds all gradients (4 bytes a parameter,
+    1.4 GB for gpt2-medium), which matters in a laptop's RAM; on a GPU it turns one
+    fused AdamW launch into ~290 single-tensor steps, for memory a GPU does not miss.
+    """
+    return device.type == "cpu" if setting == "auto" else bool(setting)
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Every platform-specific choice of one process (see the module's table)."""
+
+    device: torch.device
+    precision: Precision = "fp32"
+    strategy: Strategy = "single"
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    @property
+    def settles_vector_math(self) -> bool:
+        return self.on_cpu
+
+    @property
+    def keeps_freed_memory(self) -> bool:
+        """``tune_host_memory``'s choice: CPU training without FSDP, bf16 only once
+        relaunched without glibc's per-thread cache."""
+        if not self.on_cpu or self.strategy == "fsdp":
+            return False
+        return self.precision != "bf16" or per_thread_cache_off()
+
+    @property
+    def relaunches_without_per_thread_cache(self) -> bool:
+        """``relaunch_without_per_thread_cache``'s choice (before the environment's say)."""
+        return self.on_cpu and self.precision == "bf16" and self.strategy != "fsdp"
+
+    @property
+    def tf32_matmul(self) -> bool:
+        """TF32 products: CUDA, ``precision: tf32`` only; fp32 stays exact."""
+        return self.device.type == "cuda" and self.precision == "tf32"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.precision == "bf16" else None
+
+    @property
+    def shapes_products(self) -> bool:
+        return shapes_products(self.device)
+
+    @property
+    def counts_only_targets(self) -> bool:
+        return counts_only_targets(self.device)
+
+    def updates_in_backward(self, setting: bool | Literal["auto"]) -> bool:
+        return updates_in_backward(setting, self.device)
+
+
+def configure(
+    device: str | torch.device = "auto",
+    precision: Precision = "fp32",
+    strategy: Strategy = "single",
+    *,
+    relaunch: bool = False,
+) -> Platform:
+    """Decide this process's platform and apply its process-wide choices, once, before work.
+
+    ``relaunch``: the finetune stage's frame may replace the process by itself with
+    glibc's per-thread cache off (``relaunch_without_per_thread_cache``); nothing else
+    should. Calling it again (a torchrun rank) applies the same choices again: harmless.
+    """
+    resolved = device if isinstance(device, torch.device) else resolve_device(device)
+    chosen = Platform(resolved, precision, strategy)
+    if relaunch and chosen.relaunches_without_per_thread_cache:
+        relaunch_without_per_thread_cache(precision, strategy, chosen.device)
+    if chosen.settles_vector_math:
+        from gpt2_instruct.cpu import settle_vector_math  # torch-only; no cycle at import
+
+        settle_vector_math()
+    if chosen.keeps_freed_memory:
+        reuse_freed_memory()
+    if chosen.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = chosen.tf32_matmul
+        torch.backends.cudnn.allow_tf32 = chosen.tf32_matmul
+    return chosen
 
 
 def reuse_freed_memory() -> bool:
@@ -65,14 +200,8 @@ def per_thread_cache_off() -> bool:
     return _TCACHE_OFF in _glibc_tunables()
 
 
-def _kept_memory_needs_per_thread_cache_off(strategy: str, precision: str) -> bool:
-    """Whether this training keeps freed memory only with glibc's per-thread cache off:
-    bf16 without FSDP (``tune_host_memory``, ``relaunch_without_per_thread_cache``)."""
-    return precision == "bf16" and strategy != "fsdp"
-
-
-def tune_host_memory(strategy: str, precision: str) -> bool:
-    """Keep freed memory (``reuse_freed_memory``) for training without FSDP, where it pays.
+def tune_host_memory(strategy: str, precision: str, device: str | torch.device = "cpu") -> bool:
+    """Keep freed memory (``reuse_freed_memory``) for CPU training without FSDP, where it pays.
 
     Kept memory pays only where every step allocates the same blocks, so the heap
     stops growing (fp32, gpt2 shape: 3.0 GB and no page faults from step 70 to 150).
@@ -82,17 +211,16 @@ def tune_host_memory(strategy: str, precision: str) -> bool:
     (``relaunch_without_per_thread_cache``): with the cache on, the kept heap grew
     without end (gpt2 shape: 2.5 -> 8.9 GB over 150 steps); with it off it levels off
     where glibc's defaults do (gpt2 shape, 50 steps of mixed lengths: 4.6 against 4.7 GB).
-    True when freed memory is kept.
+    On CUDA the host holds no activations: glibc's defaults. True when freed memory is kept.
     """
-    if strategy == "fsdp" or (
-        _kept_memory_needs_per_thread_cache_off(strategy, precision) and not per_thread_cache_off()
-    ):
-        return False
-    return reuse_freed_memory()
+    chosen = Platform(torch.device(device), precision, strategy)  # type: ignore[arg-type]
+    return chosen.keeps_freed_memory and reuse_freed_memory()
 
 
-def relaunch_without_per_thread_cache(precision: str, strategy: str) -> None:
-    """For bf16 training on glibc, replace this process by itself with the per-thread cache off.
+def relaunch_without_per_thread_cache(
+    precision: str, strategy: str, device: str | torch.device = "cpu"
+) -> None:
+    """For bf16 CPU training on glibc, replace this process by itself with the per-thread cache off.
 
     torch allocates with ``posix_memalign``, and glibc frees the few bytes it trims off
     each aligned block into its per-thread cache, where they never merge with their
@@ -111,8 +239,9 @@ def relaunch_without_per_thread_cache(precision: str, strategy: str) -> None:
     (``GLIBC_TUNABLES=glibc.malloc.tcache_count=7`` keeps glibc's defaults).
     """
     tunables = _glibc_tunables()
+    chosen = Platform(torch.device(device), precision, strategy)  # type: ignore[arg-type]
     if (
-        not _kept_memory_needs_per_thread_cache_off(strategy, precision)
+        not chosen.relaunches_without_per_thread_cache
         or any(entry.partition("=")[0] == _TCACHE_SETTING for entry in tunables)
         or not sys.platform.startswith("linux")
         or platform.libc_ver()[0] != "glibc"

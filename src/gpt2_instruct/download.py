@@ -12,6 +12,10 @@ attempts and waits): a :class:`gpt2_instruct.deadline.Watchdog` shuts the connec
 when it passes, which also stops a server that trickles its headers or body a few bytes at
 a time. Credentials in a URL (``https://user:password@host/``) never appear in a message:
 see :func:`gpt2_instruct.deadline.redact`.
+
+A host that cannot be reached at all (its name does not resolve, or it refuses the
+connection) fails at once, in one line that names the URL and how to work offline: on a
+machine without network, retrying only delays that answer (see :func:`unreachable_reason`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import logging
 import math
 import os
 import re
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
@@ -37,9 +43,13 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "MAX_RETRIES",
     "DownloadError",
+    "causes",
+    "copy_file",
     "fetch",
     "is_remote",
     "local_path",
+    "unreachable_message",
+    "unreachable_reason",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +61,8 @@ _MAX_BACKOFF_S = 60.0
 _CHUNK_SIZE = 1 << 16
 _REMOTE_SCHEMES = ("http", "https")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# What to do without network, for the download stage (other callers name their own param).
+DEFAULT_OFFLINE_HINT = "use a local copy: -S download.url=<local file>"
 
 
 class DownloadError(RuntimeError):
@@ -94,6 +106,43 @@ def local_path(source: str) -> Path | None:
     if scheme and len(scheme) > 1:
         raise DownloadError(f"{source}: unsupported URL scheme {parts.scheme!r}")
     return Path(source)
+
+
+def unreachable_reason(error: BaseException) -> str | None:
+    """Why no connection could be opened at all (name not resolved, refused), else None.
+
+    Follows the chain of causes, which every HTTP client here keeps (requests/urllib3 and
+    huggingface_hub's httpx), down to the socket's own error. Those two failures are what a
+    machine without network (or a wrong host or port) gives: not worth a retry, unlike a
+    timeout or a connection dropped mid-body.
+    """
+    for cause in causes(error):
+        if isinstance(cause, socket.gaierror):
+            return f"name not resolved ({cause.strerror or cause})"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+    return None
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then what caused it (``__cause__``, else ``__context__``), and so on."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def unreachable_message(source: str, reason: str, hint: str, also: str = "") -> str:
+    """The one line for an unreachable host: the URL, the host, why, and the offline fix.
+
+    ``also`` is said before the fix (``, and it is not in the cache``).
+    """
+    host = urlsplit(source).hostname or "?"
+    return (
+        f"{redact(source)}: cannot reach {host}: {reason} (not retried){also}. No network? {hint}"
+    )
 
 
 def _normalise_pin(source: str, sha256: str | None) -> str | None:
@@ -148,8 +197,11 @@ def _limit_text(size: int | None, cap: int | None) -> str:
 
 def _copy_local(
     source: str, path: Path, dest: Path, pin: str | None, size: int | None, cap: int | None
-) -> None:
-    """Copy a local file to ``dest`` atomically, verifying size and pin before it lands."""
+) -> str:
+    """Copy a local file to ``dest`` atomically, verifying size and pin before it lands.
+
+    Returns the sha256 of what was copied (hashed on the way, not re-read).
+    """
     if not path.exists():
         raise DownloadError(f"{source}: local file not found: {path}")
     if not path.is_file():
@@ -179,6 +231,30 @@ def _copy_local(
             raise DownloadError(
                 f"{source}: {copied:,} bytes, expected the pinned size of {size:,} bytes"
             )
+    return digest.hexdigest()
+
+
+def copy_file(
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    shown: str | None = None,
+) -> str:
+    """Copy a local file to ``dest`` (atomically, at most ``max_bytes``); return its sha256.
+
+    For files that are already on disk (a cache's copy): the digest comes from the bytes
+    written, so what is recorded is what landed. Errors name ``shown`` (default: the path).
+    """
+    path = Path(source)
+    name = shown if shown is not None else str(path)
+    if max_bytes is not None and (
+        isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0
+    ):
+        raise ValueError(f"{name}: max_bytes must be a whole number > 0, got {max_bytes!r}")
+    if Path(dest).is_dir():
+        raise DownloadError(f"{name}: destination {dest} is a directory")
+    return _copy_local(name, path, Path(dest), None, None, max_bytes)
 
 
 # --- HTTP ------------------------------------------------------------------------------
@@ -258,12 +334,13 @@ def _attempt_http(
     progress: bool,
     watchdog: Watchdog,
     received: list[int],
+    offline_hint: str,
 ) -> None:
     """One download attempt into a temp file beside ``dest``.
 
     Raises _RetryableError for transient failures, _DeadlinePassed when the deadline
-    passed, and DownloadError for permanent failures; either way the temp file is removed
-    and ``dest`` is untouched.
+    passed, and DownloadError for permanent failures (an unreachable host among them);
+    either way the temp file is removed and ``dest`` is untouched.
     """
     limit = _limit_text(size, cap)
     received[0] = 0
@@ -320,6 +397,9 @@ def _attempt_http(
         if watchdog.passed():
             raise _DeadlinePassed from None
         problem = redact(str(exc))
+        reason = unreachable_reason(exc)
+        if reason is not None:
+            raise DownloadError(unreachable_message(source, reason, offline_hint)) from None
         if isinstance(exc, requests.Timeout):
             raise _RetryableError(f"timed out (timeout={timeout} s): {problem}") from exc
         if isinstance(exc, requests.exceptions.ChunkedEncodingError):
@@ -330,6 +410,9 @@ def _attempt_http(
     except OSError as exc:  # not wrapped by requests: the socket itself, or our disk
         if watchdog.passed():
             raise _DeadlinePassed from None
+        reason = unreachable_reason(exc)
+        if reason is not None:
+            raise DownloadError(unreachable_message(source, reason, offline_hint)) from None
         if isinstance(exc, ConnectionError | TimeoutError):
             raise _RetryableError(f"connection failed: {redact(str(exc))}") from exc
         raise DownloadError(f"{source}: cannot write {dest}: {exc}") from exc
@@ -347,13 +430,16 @@ def fetch(
     retries: int = 3,
     backoff: float = 1.0,
     progress: bool = False,
+    offline_hint: str = DEFAULT_OFFLINE_HINT,
 ) -> Path:
     """Fetch ``source`` (http(s) URL, ``file://`` URL or local path) to ``dest``; return it.
 
     Transient HTTP failures (connection errors, timeouts, 5xx, 429, truncated bodies) are
     retried up to ``retries`` extra times (at most 20), sleeping ``backoff * 2**attempt``
     seconds (at most 60) between attempts; other 4xx statuses, sha256 or size mismatches
-    and bodies over the cap fail at once. The body may hold at most ``size`` bytes when
+    and bodies over the cap fail at once, and so does a host that cannot be reached at all
+    (name not resolved, connection refused): one line ending with ``offline_hint``, the
+    way to run without network. The body may hold at most ``size`` bytes when
     that is pinned (and exactly that many), else at most ``max_bytes`` (None: no cap),
     counted after Content-Encoding is decoded. ``timeout`` bounds each connect and each
     read; ``deadline_s`` the whole fetch, retries and waits included. ``dest`` only ever
@@ -397,6 +483,7 @@ def fetch(
                     progress=progress,
                     watchdog=watchdog,
                     received=received,
+                    offline_hint=offline_hint,
                 )
                 return dest
             except _DeadlinePassed:

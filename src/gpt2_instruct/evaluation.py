@@ -283,6 +283,35 @@ def write_per_entry_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str
         os.fsync(handle.fileno())
 
 
+SCORE_FIELDS: tuple[str, ...] = (
+    "index",
+    "exact_match",
+    *ROUGE_TYPES,
+    "chrf",
+    "response_loss",
+    "response_chars",
+)
+"""Columns of the plotted per-entry table: numbers only (``response_loss`` when given)."""
+
+
+def write_scores_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write the per-entry scores without any text, atomically, for ``dvc plots``.
+
+    ``dvc plots show`` and ``diff`` copy every column of a plotted file into a ``<script>``
+    of their HTML, unescaped: an answer or instruction containing ``</script>`` would end
+    it and run as the page's code. So the plotted table holds only :data:`SCORE_FIELDS`
+    (exact match as 0/1); the text stays in :func:`write_per_entry_csv`'s table.
+    """
+    fields = [f for f in SCORE_FIELDS if f != "response_loss" or any(f in r for r in rows)]
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "exact_match": int(bool(row["exact_match"]))})
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def worst_entries(
     rows: Sequence[Mapping[str, Any]],
     k: int,

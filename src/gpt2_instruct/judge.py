@@ -4,11 +4,17 @@ This mirrors the reference (LLMs-from-scratch ch07), which asks Llama 3 through 
 grade each test answer against the expected output. It is optional because it needs a
 running server: with ``backend="none"`` nothing is contacted. Server trouble never raises
 inside :func:`judge_entries`: every entry that could not be scored keeps its reason (see
-:data:`REASONS`), and the summary counts them, so the evaluate stage can write its offline
-metrics first and then fail with :class:`JudgeError` when nothing at all was scored.
+:data:`REASONS`), and the summary counts them, so the judge stage
+(``gpt2_instruct.stages.judge``) can write what it has and then decide whether the run
+failed (too few entries scored) with :class:`JudgeError`.
 
-Its settings are :class:`gpt2_instruct.params.JudgeParams` (params.yaml's
-``evaluate.judge``), checked when they are built, before any stage work.
+Its settings are :class:`gpt2_instruct.params.JudgeParams` (params.yaml's ``judge``),
+checked when they are built, before any stage work.
+
+The transport is this module's own client on ``requests``, not the ``openai`` SDK: its
+deadline on each whole request (a trickling server), the 1 MiB cap on a reply, the
+retry policy and the reasons per entry are what the tests pin, and the SDK's httpx
+client would need each of them rebuilt around it.
 
 Nothing waits forever: ``timeout`` bounds each whole HTTP request (connecting, a server
 that never answers, one that trickles its reply a byte at a time: each request runs under
@@ -42,6 +48,7 @@ import urllib3
 from gpt2_instruct.data import Entry, format_prompt
 from gpt2_instruct.deadline import Watchdog, redact, watched_session
 from gpt2_instruct.params import JudgeParams, parse_judge_template, render_judge_template
+from gpt2_instruct.progress import progress_bar
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -51,6 +58,7 @@ __all__ = [
     "JudgeError",
     "base_url",
     "build_prompt",
+    "check_entries",
     "check_environment",
     "format_input",
     "judge_entries",
@@ -495,8 +503,9 @@ def _payload(config: JudgeParams, prompt: str) -> dict[str, Any]:
 # --- judging ------------------------------------------------------------------------------
 
 
-def _check_entries(entries: Sequence[Any]) -> None:
-    """Reject malformed entries before contacting any server (a caller bug, not server trouble)."""
+def check_entries(entries: Any) -> None:
+    """Reject malformed entries (ValueError) before contacting any server: they are a
+    caller's bug or bad data, never server trouble."""
     if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
         raise ValueError(f"judge entries must be a list of dicts, got {type(entries).__name__}")
     for index, entry in enumerate(entries):
@@ -543,9 +552,15 @@ def _summary(config: JudgeParams, rows: list[dict[str, Any]], error: str | None)
 
 
 def judge_entries(
-    entries: list[dict[str, Any]], config: JudgeParams, *, progress: bool = False
+    entries: Sequence[Mapping[str, Any]] | JudgeParams,
+    config: JudgeParams | Sequence[Mapping[str, Any]],
+    *,
+    progress: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score each entry's ``model_response`` with the judge; return (rows, summary).
+
+    ``judge_entries(entries, config)`` and ``judge_entries(config, entries)`` both work
+    (the settings are told apart by their type), so callers written either way agree.
 
     Entries need ``instruction``, ``output`` and ``model_response`` strings (``input`` may be
     missing or null). There is one row per entry, in order: ``{"index", "score", "reply",
@@ -567,9 +582,14 @@ def judge_entries(
     are those left after a few consecutive connection failures, and those left when
     ``config.deadline_s`` has passed (reason ``deadline``). ``backend="none"`` contacts
     nothing and returns no rows. Bad entries raise ValueError, an unusable API key
-    variable :class:`JudgeError`.
+    variable :class:`JudgeError`. ``progress``: a bar with an ETA on stderr
+    (:func:`gpt2_instruct.progress.progress_bar`).
     """
-    _check_entries(entries)
+    if isinstance(entries, JudgeParams) and not isinstance(config, JudgeParams):
+        entries, config = config, entries
+    if not isinstance(config, JudgeParams):
+        raise TypeError(f"judge_entries needs a JudgeParams, got {type(config).__name__}")
+    check_entries(entries)
     if not config.enabled or not entries:
         return [], _summary(config, [], None)
 
@@ -578,11 +598,7 @@ def judge_entries(
     rows: list[dict[str, Any]] = []
     error: str | None = None
     unreachable_streak = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm  # lazily: only interactive runs need it
-
-        bar = tqdm(total=len(entries), desc="judge", unit="entry", leave=False)
+    bar = progress_bar(len(entries), "judge", "entry", enabled=progress)
     try:
         with watched_session() as session:
             for index, entry in enumerate(entries):
@@ -636,11 +652,9 @@ def judge_entries(
                         row["reason"] = "unparseable"
                         row["error"] = f"unparseable: not an integer 0-100: {_snippet(text)}"
                     rows.append(row)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     scored = any(row["score"] is not None for row in rows)
     if error is None and not scored:
         first_failure = rows[0]  # rows is not empty: every entry has one

@@ -8,11 +8,14 @@ which ``GPTModel.loss`` and ``GPTModel.token_losses`` call:
 * ``model_token_losses``: the per-position losses (B, T), evaluation's.
 * ``counted_logits``: the fp32 logits of the counted positions, both of theirs.
 
-Three pieces of machinery make it cheaper than that formula, each justified in its docstring:
+On the CPU (``devices.counts_only_targets``) three pieces of machinery make it cheaper
+than that formula, each justified in its docstring:
 ``Packing`` (no work after a row's last counted target), ``_CrossEntropy`` (a backward that
 allocates no logits-sized tensor) and ``TiedGradient`` (the tied embedding/head weight's
 gradient in one buffer). The model's forward has one hook for each of the last two
 (``hidden_states(..., packing=, tied=)``, ``head(..., tied=)``) and knows nothing else of them.
+Elsewhere (CUDA) the formula runs as written (``_dense_logits``): no host syncs, and a
+deterministic tied gradient.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2_instruct.cpu import pad_bf16_rows, pads_bf16_rows
+from gpt2_instruct.devices import counts_only_targets
 
 if TYPE_CHECKING:
     from gpt2_instruct.model import GPTModel
@@ -100,6 +104,8 @@ def model_loss(
     Equals ``F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())``; with gradients
     on, its backward reuses the log-probabilities' memory (``_CrossEntropy``).
     """
+    if not counts_only_targets(idx.device):
+        return F.cross_entropy(_dense_logits(model, idx), targets.flatten(), reduction=reduction)
     logits, counted, _, _ = counted_logits(model, idx, targets)
     if reduction not in ("mean", "sum") or not torch.is_grad_enabled():
         return F.cross_entropy(logits, counted, reduction=reduction)
@@ -108,10 +114,18 @@ def model_loss(
 
 def model_token_losses(model: GPTModel, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-position cross-entropy (B, T), zero where the target is ignored."""
+    if not counts_only_targets(idx.device):
+        losses = F.cross_entropy(_dense_logits(model, idx), targets.flatten(), reduction="none")
+        return losses.view(targets.shape)
     logits, counted, packing, keep = counted_logits(model, idx, targets)
     losses = torch.zeros(keep.shape[0], dtype=torch.float32, device=targets.device)  # (N,)
     losses[keep] = F.cross_entropy(logits, counted, reduction="none")
     return packing.unpack(losses[:, None]).view(targets.shape)
+
+
+def _dense_logits(model: GPTModel, idx: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (B*T, V) of every position: the loss's formula with nothing skipped."""
+    return model(idx).flatten(0, 1).float()
 
 
 class _CrossEntropy(torch.autograd.Function):

@@ -10,13 +10,13 @@ regularisation, just a bias), and linear warmup followed by cosine decay.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 Schedule = Literal["constant", "cosine"]
-SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def _check_number(name: str, value: float, *, allow_zero: bool = True) -> None:

@@ -43,8 +43,10 @@ import torch
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, ScalarEvent
 
+from gpt2_instruct.batching import BatchOrderMode
 from gpt2_instruct.data import PromptStyle, ResponseExtraction
 from gpt2_instruct.deadline import redact
+from gpt2_instruct.devices import Precision, resolve_device
 from gpt2_instruct.download import MAX_RETRIES
 from gpt2_instruct.lora import LORA_TARGETS
 from gpt2_instruct.model import GPT2_CONFIGS
@@ -148,12 +150,18 @@ class RandomModelParams:
 
 @dataclass(frozen=True)
 class FetchParams:
-    """Pre-trained weights (Hugging Face safetensors) and GPT-2's BPE files."""
+    """Pre-trained weights (Hugging Face safetensors) and GPT-2's BPE files.
+
+    ``source: hub`` goes through huggingface_hub, so its environment applies: HF_TOKEN,
+    HF_HOME / HF_HUB_CACHE (a cached model is not downloaded again), HF_HUB_OFFLINE and,
+    while ``hub_url`` is null, HF_ENDPOINT. ``revision`` is a branch, tag or commit sha;
+    the commit it resolved to is recorded in the output's ``source.json``.
+    """
 
     source: Literal["hub", "local", "random"] = "hub"
     model: str = "gpt2-medium"
     revision: str = "main"
-    hub_url: str = "https://huggingface.co"
+    hub_url: str | None = None  # null: $HF_ENDPOINT, else huggingface_hub's default endpoint
     local_dir: str | None = None
     bpe_source: str = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
     timeout: float = 60.0  # seconds per connect and per read
@@ -171,6 +179,22 @@ class FetchParams:
             self.source != "local" or bool(self.local_dir),
             "source 'local' needs local_dir (a directory with model.safetensors + config.json)",
         )
+        _check(
+            bool(self.revision) and not any(ch.isspace() for ch in self.revision),
+            f"revision must be a branch, tag or commit sha without blanks, got "
+            f"{_short(self.revision)}",
+        )
+        if self.hub_url is not None:
+            shown = _short(redact(self.hub_url))
+            parts = urlsplit(self.hub_url)
+            _check(
+                parts.scheme in ("http", "https") and bool(parts.hostname),
+                f"hub_url must be an http(s) URL with a host (or null: HF_ENDPOINT), got {shown}",
+            )
+            _check(
+                not (parts.query or parts.fragment or any(ch.isspace() for ch in self.hub_url)),
+                f"hub_url must not have a query, fragment or blanks, got {shown}",
+            )
         _check_network_limits(self.timeout, self.deadline_s, self.retries)
         _check(self.max_bytes is None or self.max_bytes > 0, "max_bytes must be > 0 or null")
 
@@ -235,11 +259,11 @@ class FinetuneParams:
     eval_every: int = 5
     eval_batches: int = 5
     eval_train: Literal["reference", "fixed"] = "reference"
-    batch_order: Literal["reference", "length_grouped"] = "reference"
+    batch_order: BatchOrderMode = "reference"
     mask_prompt: bool = False
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     fused_optimizer: bool = True
-    optimizer_in_backward: bool = True
+    optimizer_in_backward: bool | Literal["auto"] = "auto"
     max_steps: int | None = None
     checkpoint_every: int = 50
     device: str = "auto"
@@ -353,7 +377,7 @@ JUDGE_TEMPLATE_FIELDS: tuple[str, ...] = ("prompt", "output", "response", "instr
 
 @dataclass(frozen=True)
 class JudgeParams:
-    """The optional LLM judge of the evaluate stage (``gpt2_instruct.judge`` takes these).
+    """The optional LLM judge: the judge stage's section (``gpt2_instruct.judge`` takes these).
 
     ``url`` None means the backend's default (``judge.DEFAULT_URLS``): Ollama's server
     root, or the base URL of an OpenAI-compatible API *including* its ``/v1``
@@ -365,6 +389,13 @@ class JudgeParams:
     ``backoff * 2**k`` seconds (at most 60) before retrying. ``template`` None means the
     reference prompt (``judge.DEFAULT_TEMPLATE``). ``temperature``, ``seed`` and
     ``num_ctx`` (Ollama's context) are sent with each request.
+
+    ``min_scored_fraction``: the judge stage fails (exit 1, so DVC caches nothing) when it
+    scored fewer than this share of the entries, and always when it scored none. 0.9, not
+    1.0: at temperature 0 with a fixed seed a judge model that answers "Score: 85" for an
+    entry answers so on every rerun, so demanding every entry would fail the stage for good
+    over one sloppy reply; a tenth unscored still leaves ``judge_mean`` over most entries,
+    and the metrics count every failure by reason.
 
     Checked here, before any stage work: the URL (http(s), a host, a valid port, no
     query, no blanks), the limits, the template's fields and the API key variable's
@@ -383,6 +414,7 @@ class JudgeParams:
     temperature: float = 0.0
     seed: int = 123
     num_ctx: int = 2048
+    min_scored_fraction: float = 0.9
 
     # Said when a key that is no field of this section is given (see _build).
     UNKNOWN_KEY_HINTS: ClassVar[dict[str, str]] = {
@@ -401,10 +433,14 @@ class JudgeParams:
         )
         if self.url is not None:
             _check_judge_url(self.url)
-        for name in ("timeout", "deadline_s", "backoff", "temperature"):
+        for name in ("timeout", "deadline_s", "backoff", "temperature", "min_scored_fraction"):
             value = getattr(self, name)
             _check(_is_real(value), f"{name} must be a finite number, got {_short(value)}")
             object.__setattr__(self, name, float(value))
+        _check(
+            0 < self.min_scored_fraction <= 1,
+            f"min_scored_fraction must be in (0, 1], got {self.min_scored_fraction}",
+        )
         _check(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout}")
         _check(self.deadline_s > 0, f"deadline_s must be > 0 seconds, got {self.deadline_s}")
         _check(self.backoff >= 0, f"backoff must be >= 0 seconds, got {self.backoff}")
@@ -441,9 +477,15 @@ class JudgeParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    """The offline scores of the answers; the LLM judge is its own stage (``judge:``)."""
+
     batch_size: int = 8
     device: str = "auto"
-    judge: JudgeParams = field(default_factory=JudgeParams)
+
+    # Said when a key that is no field of this section is given (see _build).
+    UNKNOWN_KEY_HINTS: ClassVar[dict[str, str]] = {
+        "judge": "moved to judge: a top-level section of its own, for the judge stage",
+    }
 
     def __post_init__(self) -> None:
         _check_int(self.batch_size, "batch_size", 1, MAX_BATCH)
@@ -459,6 +501,7 @@ class Params:
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     generate: GenerateParams = field(default_factory=GenerateParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    judge: JudgeParams = field(default_factory=JudgeParams)
 
     def __post_init__(self) -> None:
         """Limits across sections: the model's shape (when known here) and the devices."""
@@ -484,6 +527,13 @@ class Params:
             problem = device_problem(name)
             _check(problem is None, f"{section}.device: {name!r}: {problem}")
         finetune = self.finetune
+        if finetune.precision == "tf32":  # the device exists here (checked just above)
+            on = resolve_device(finetune.device).type
+            _check(
+                on == "cuda",
+                f"finetune.precision tf32 is a CUDA matmul mode, but finetune.device "
+                f"{finetune.device!r} is {on} here: use fp32 (exact) or bf16",
+            )
         nproc = finetune.distributed.nproc_per_node
         if nproc > 1 and finetune.device in ("auto", "cuda") and torch.cuda.is_available():
             count = torch.cuda.device_count()
@@ -659,6 +709,14 @@ def device_problem(name: str) -> str | None:
 T = TypeVar("T")
 
 
+def _describe_type(hint: Any) -> str:
+    """A type hint in a user's words (``true or false``, ``one of ['auto']``...)."""
+    if typing.get_origin(hint) is Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return words.get(hint, str(hint))
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against a type hint; ints are accepted for floats.
 
@@ -680,7 +738,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ParamsError:
                 continue
-        raise ParamsError(f"{where}: {_short(value)} does not match {hint}")
+        wanted = " or ".join(_describe_type(option) for option in options)
+        raise ParamsError(f"{where}: expected {wanted}, got {_short(value)}")
     if origin is tuple:  # tuple[X, ...]: a YAML list
         if not isinstance(value, list | tuple):
             raise ParamsError(f"{where}: expected a list, got {_short(value)}")

@@ -1,4 +1,8 @@
-"""PNG plots of training losses and per-entry answer scores.
+"""PNG plots of training losses and of the distribution of answer scores.
+
+Per-entry scores are no PNG: dvc.yaml plots the evaluate and judge stages' score tables
+against the entry index, so ``dvc plots diff`` overlays runs. The learning rate is
+dvc.yaml's too (DVCLive's series), drawn with a scientific y-axis template.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly instead of pyplot:
 no GUI backend is touched (the Agg canvas renders PNGs), nothing is registered in
@@ -152,32 +156,6 @@ def plot_score_histogram(
     ax.set_ylabel("Test entries")
     ax.set_title(f"{label}: distribution over {values.size} test entries")
     ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(loc="best")
-    _save(fig, dest)
-
-
-def plot_per_entry_scores(
-    scores: Sequence[float],
-    dest: str | os.PathLike[str],
-    *,
-    label: str,
-) -> None:
-    """Bar chart of one score per test entry (x = entry index), with the mean marked.
-
-    Shows where in the test split the model fails, to pick entries to read.
-    """
-    values = _finite_scores(scores, "plot_per_entry_scores")
-    mean = float(values.mean())
-    fig = Figure(figsize=FIGSIZE, layout="constrained")
-    ax = fig.add_subplot()
-    ax.bar(np.arange(values.size), values, width=0.8, color="tab:blue")
-    ax.axhline(mean, color="tab:red", linestyle="--", label=f"mean = {mean:.3g}")
-    ax.set_xlabel("Test entry index")
-    ax.set_ylabel(label)
-    ax.set_title(f"{label} per test entry")
-    ax.set_xlim(-0.5 - 0.01 * values.size, values.size - 0.5 + 0.01 * values.size)
-    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="best")
     _save(fig, dest)

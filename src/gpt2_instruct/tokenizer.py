@@ -2,21 +2,30 @@
 
 tiktoken's own ``get_encoding("gpt2")`` downloads these files at run time; we
 build the same ``Encoding`` from files the pipeline fetched (and pinned), so
-tokenizing works offline and is a tracked dependency of the stages.
+tokenizing works offline and is a tracked dependency of the stages. The ranks are
+tiktoken's own construction (``tiktoken.load.data_gym_to_mergeable_bpe_ranks``), run on
+files we have checked first (size, strict UTF-8, shape), so a bad file is one
+:class:`TokenizerError` naming it rather than tiktoken's bare assert or KeyError.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
+import tiktoken.load
 from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PATTERN  # GPT-2's split regex
 
 from gpt2_instruct.safe_json import read_json
 
 ENDOFTEXT = "<|endoftext|>"
 MAX_MERGES_BYTES = 8 * 1024 * 1024  # GPT-2's vocab.bpe is 456,318 bytes
+MAX_ENCODER_BYTES = 16 * 1024 * 1024  # GPT-2's encoder.json is 1,042,301 bytes
 ENCODER_JSON = "encoder.json"
 VOCAB_BPE = "vocab.bpe"
 # tiktoken's pins for OpenAI's published GPT-2 encoding files.
@@ -78,8 +87,13 @@ class TokenizerError(ValueError):
     """BPE files that are missing, malformed or disagree with each other."""
 
 
-def _read_merges(merges_path: Path) -> list[str]:
-    """``vocab.bpe``'s merge lines (the first line is a version), size-capped and strict UTF-8."""
+def _read_merges(merges_path: Path, byte_decoder: dict[str, int]) -> list[tuple[str, bytes]]:
+    """``vocab.bpe``'s merges: each line and the bytes it makes, checked line by line.
+
+    Size-capped and strict UTF-8; the first line is a version. Every other line must be
+    two GPT-2 byte-level tokens, and the file must end with a newline: tiktoken's reader
+    drops the last line unread, so without one it would silently lose a merge.
+    """
     with merges_path.open("rb") as handle:
         data = handle.read(MAX_MERGES_BYTES + 1)
     if len(data) > MAX_MERGES_BYTES:
@@ -88,50 +102,126 @@ def _read_merges(merges_path: Path) -> list[str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise TokenizerError(f"{merges_path}: not valid UTF-8 ({err.reason})") from None
-    return [line for line in text.split("\n")[1:] if line]
+    if not text.endswith("\n"):
+        raise TokenizerError(f"{merges_path}: does not end with a newline (a truncated file?)")
+    merges = []
+    for line_no, line in enumerate(text.split("\n")[1:-1], start=2):
+        parts = line.split()
+        if len(parts) != 2:
+            raise TokenizerError(
+                f"{merges_path}: line {line_no} ({line!r}) is not a merge of two tokens"
+            )
+        token = b"".join(_to_bytes(part, merges_path, byte_decoder) for part in parts)
+        merges.append((line, token))
+    return merges
 
 
-def _mergeable_ranks(encoding_dir: Path) -> dict[bytes, int]:
-    """Token bytes -> rank from ``encoder.json``, checked against the merges in ``vocab.bpe``.
+def _to_bytes(token: str, source: Path, byte_decoder: dict[str, int]) -> bytes:
+    try:
+        return bytes(byte_decoder[ch] for ch in token)
+    except KeyError as err:
+        raise TokenizerError(f"{source}: token {token!r} is not GPT-2 byte-level text") from err
 
-    In GPT-2 a token's id is its merge rank, so ``encoder.json`` alone gives the
-    ranks; ``vocab.bpe`` must list exactly the merges that build ids 256 and up.
+
+def _encoder_ranks(encoder_path: Path, byte_decoder: dict[str, int]) -> dict[bytes, int]:
+    """Token bytes -> id from ``encoder.json`` (without ``<|endoftext|>``), checked.
+
+    Bounded and strict (``read_json``: size, depth, UTF-8, no repeated key); the ids must
+    be integers 0..n-1 without gaps, ids 0..255 the 256 single bytes.
     """
-    encoder_path, merges_path = encoding_dir / ENCODER_JSON, encoding_dir / VOCAB_BPE
-    byte_decoder = _gpt2_byte_decoder()
-
-    def to_bytes(token: str, source: Path) -> bytes:
-        try:
-            return bytes(byte_decoder[ch] for ch in token)
-        except KeyError as err:
-            raise TokenizerError(f"{source}: token {token!r} is not GPT-2 byte-level text") from err
-
-    encoder = read_json(encoder_path, duplicates="error")
+    encoder = read_json(encoder_path, max_bytes=MAX_ENCODER_BYTES, duplicates="error")
     if not isinstance(encoder, dict):
         raise TokenizerError(f"{encoder_path}: expected a JSON object of token -> id")
     encoder.pop(ENDOFTEXT, None)
     bad = next((t for t, i in encoder.items() if type(i) is not int), None)
     if bad is not None:
         raise TokenizerError(f"{encoder_path}: entry {bad!r}: the id must be an integer")
-    ranks = {to_bytes(token, encoder_path): rank for token, rank in encoder.items()}
+    ranks = {_to_bytes(token, encoder_path, byte_decoder): rank for token, rank in encoder.items()}
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError(f"{encoder_path}: token ids are not 0..{len(ranks) - 1} without gaps")
     single_bytes = sorted(token for token, rank in ranks.items() if rank < 256)
     if single_bytes != [bytes([b]) for b in range(256)]:
         raise TokenizerError(f"{encoder_path}: ids 0..255 must be the 256 single bytes")
+    return ranks
 
-    merges = _read_merges(merges_path)
-    if len(merges) != len(ranks) - 256:
-        raise TokenizerError(
-            f"{merges_path}: {len(merges)} merges, but {encoder_path} has {len(ranks) - 256}"
+
+_TIKTOKEN_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _tiktoken_cache_off() -> Iterator[None]:
+    """Stop tiktoken's reader from caching what it reads (``TIKTOKEN_CACHE_DIR=""``).
+
+    It otherwise copies every file into $TIKTOKEN_CACHE_DIR (or the temp dir's
+    data-gym-cache), keyed by the path's name, and without a hash hands back that copy
+    the next time: a changed file at the same path would give the old ranks. The
+    variable is its only switch, so it is set for the call and put back after.
+    """
+    with _TIKTOKEN_ENV_LOCK:
+        saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = ""
+        try:
+            yield
+        finally:
+            if saved is None:
+                del os.environ["TIKTOKEN_CACHE_DIR"]
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = saved
+
+
+def _mismatch(
+    encoder_path: Path,
+    merges_path: Path,
+    encoder: dict[bytes, int],
+    merges: list[tuple[str, bytes]],
+) -> TokenizerError:
+    """Say where ``encoder.json`` and ``vocab.bpe`` disagree (they do: tiktoken said so)."""
+    if len(merges) != len(encoder) - 256:
+        return TokenizerError(
+            f"{merges_path}: {len(merges)} merges, but {encoder_path} has {len(encoder) - 256}"
         )
-    for line_no, line in enumerate(merges, start=2):
-        parts = line.split()
-        merged = b"".join(to_bytes(p, merges_path) for p in parts)
-        if len(parts) != 2 or ranks.get(merged) != 256 + line_no - 2:
-            raise TokenizerError(
+    gpt2_order = _gpt2_byte_decoder().values()  # tiktoken ranks single bytes in this order
+    for rank, byte in enumerate(gpt2_order):
+        if encoder[bytes([byte])] != rank:
+            return TokenizerError(
+                f"{encoder_path}: ids 0..255 are not the single bytes in GPT-2's order "
+                f"(byte {byte} has id {encoder[bytes([byte])]}, not {rank})"
+            )
+    for line_no, (line, token) in enumerate(merges, start=2):
+        if encoder.get(token) != 256 + line_no - 2:
+            return TokenizerError(
                 f"{merges_path}: line {line_no} ({line!r}) disagrees with {encoder_path}"
             )
+    return TokenizerError(f"{merges_path}: tiktoken's ranks from it differ from {encoder_path}")
+
+
+def _mergeable_ranks(encoding_dir: Path) -> dict[bytes, int]:
+    """Token bytes -> rank: tiktoken's construction, on files checked beforehand.
+
+    In GPT-2 a token's id is its merge rank: tiktoken builds the ranks from ``vocab.bpe``
+    and requires ``encoder.json`` to hold the same ids. The checks before it name the file
+    and line at fault; the comparison after it holds under ``python -O`` too (tiktoken's
+    own is an ``assert``). tiktoken only opens the two paths (a name with ``://`` would be
+    fetched, but a ``Path`` never contains one: it folds ``//``), its cache switched off.
+    """
+    encoder_path, merges_path = encoding_dir / ENCODER_JSON, encoding_dir / VOCAB_BPE
+    byte_decoder = _gpt2_byte_decoder()
+    encoder = _encoder_ranks(encoder_path, byte_decoder)
+    merges = _read_merges(merges_path, byte_decoder)
+    if len(merges) != len(encoder) - 256:
+        raise _mismatch(encoder_path, merges_path, encoder, merges)
+    try:
+        with _tiktoken_cache_off():
+            ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+                vocab_bpe_file=os.fspath(merges_path), encoder_json_file=os.fspath(encoder_path)
+            )
+    except AssertionError:  # tiktoken's check that the two files agree
+        raise _mismatch(encoder_path, merges_path, encoder, merges) from None
+    except (KeyError, ValueError) as err:  # a file changed since the checks above
+        problem = f"tiktoken cannot read the BPE files ({err!r})"
+        raise TokenizerError(f"{encoding_dir}: {problem}") from err
+    if ranks != encoder:
+        raise _mismatch(encoder_path, merges_path, encoder, merges)
     return ranks
 
 

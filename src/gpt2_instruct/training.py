@@ -188,7 +188,7 @@ class Trainer:
         self.last_grad_norm: float | None = None  # before clipping; only when clipping
         self.optimizer = _build_optimizer(self.model, params)
         self._update_hooks = backward_updates.register(
-            self.optimizer, params, world_size=self.world.size
+            self.optimizer, params, world_size=self.world.size, device=self.device
         )
         self.state = TrainState()
         self.checkpointer = checkpointing.Checkpointer(self.strategy, params, self.fingerprint)

@@ -23,10 +23,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gpt2_instruct import interrupted_while_starting
+from gpt2_instruct import devices, interrupted_while_starting
 from gpt2_instruct.batching import SplitError
 from gpt2_instruct.data import DataError
-from gpt2_instruct.devices import tune_host_memory
 from gpt2_instruct.download import DownloadError
 from gpt2_instruct.io import remove_stale_temps
 from gpt2_instruct.judge import JudgeError
@@ -78,17 +77,33 @@ def _one_line(err: BaseException) -> str:
     return text
 
 
+def _configure_device(section: object, *, relaunch: bool) -> devices.Platform:
+    """The device seam for a params section with a ``device`` (finetune, generate...)."""
+    distributed = getattr(section, "distributed", None)
+    return devices.configure(
+        section.device,  # type: ignore[attr-defined]
+        getattr(section, "precision", "fp32"),
+        getattr(distributed, "strategy", "single"),
+        relaunch=relaunch,
+    )
+
+
 def run_stage(
     description: str,
     paths: dict[str, str],
     body: Callable[[Params, dict[str, Path]], object],
     argv: list[str] | None = None,
+    *,
+    device_section: str | None = None,
 ) -> None:
     """Parse ``--name PATH`` options (defaults: dvc.yaml's paths), validate params, run ``body``.
 
     The whole params.yaml is validated before any work, so a typo in any
-    section fails every stage at once instead of hours later. Freed memory is kept
-    for reuse (``devices.tune_host_memory``): large tensors are allocated every step.
+    section fails every stage at once instead of hours later. ``device_section`` names
+    the params section whose ``device`` (and ``precision``, ``distributed.strategy``
+    where it has them) the stage computes on: the device seam (``devices.configure``)
+    is applied for it once, before the body; the finetune stage may restart there
+    (``devices.relaunch_without_per_thread_cache``). Stages without one set nothing.
     An expected error (``EXPECTED_ERRORS``) exits 1 after one line ``error: ...``;
     Ctrl-C exits 130 after one line (``interrupted``, or the interrupt's own message).
     """
@@ -101,7 +116,10 @@ def run_stage(
         if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # from here: below
         params = load_params(args.pop("params"))
-        tune_host_memory(params.finetune.distributed.strategy, params.finetune.precision)
+        if device_section is not None:
+            _configure_device(
+                getattr(params, device_section), relaunch=device_section == "finetune"
+            )
         for stale in remove_stale_temps(*args.values()):  # left by a killed run
             log(f"removed {stale}, left by an interrupted run")
         body(params, args)

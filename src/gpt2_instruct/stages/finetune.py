@@ -5,22 +5,20 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from dvclive import Live
 
-from gpt2_instruct import distributed, plots
+from gpt2_instruct import distributed, hf_folder, plots
 from gpt2_instruct.batching import TokenizedSplit, read_meta
 from gpt2_instruct.fingerprint import digest_dir
 from gpt2_instruct.io import atomic_dir, atomic_open, sha256_file, write_json
-from gpt2_instruct.params import FinetuneParams, ParamsError, to_dict
+from gpt2_instruct.params import FetchParams, FinetuneParams, ParamsError, SamplingParams, to_dict
 from gpt2_instruct.stages import log
-from gpt2_instruct.tokenizer import ENCODER_JSON, VOCAB_BPE
 from gpt2_instruct.training import Trainer
-from gpt2_instruct.weights import CONFIG_KEY, WeightsError, load_model, save_model
+from gpt2_instruct.weights import CONFIG_KEY, WeightsError, load_model
 
 LOG_FIELDS = (
     "step",
@@ -45,9 +43,9 @@ def _log_live(live: Live, row: dict[str, float]) -> None:
     live.step = int(row["step"])
     live.log_metric("train/loss", row["train_loss"])
     live.log_metric("val/loss", row["val_loss"])
-    live.log_metric("lr", row["lr"])
-    if row.get("grad_norm") is not None:
-        live.log_metric("grad_norm", row["grad_norm"])
+    for name in ("lr", "grad_norm"):  # None: no clipping, or the final evaluation's row
+        if row.get(name) is not None:
+            live.log_metric(name, row[name])
     live.log_metric("tokens_seen", row["tokens_seen"])
     live.log_metric("tokens_per_second", row["tokens_seen"] / max(row["seconds"], 1e-9))
     live.next_step()
@@ -64,11 +62,17 @@ def finetune(
     log_tsv: Path,
     loss_plot: Path,
     live_dir: Path,
+    *,
+    max_new_tokens: int = SamplingParams.max_new_tokens,
+    fetch: FetchParams | None = None,
 ) -> dict[str, Any]:
     """Fine-tune, logging live to DVCLive; write the model, the loss log, plot and metrics.
 
     Under torchrun (``finetune.distributed``) every rank trains its share of each
-    batch; rank 0 alone logs and writes, the others return an empty report.
+    batch; rank 0 alone logs and writes, the others return an empty report. The model
+    folder is complete for ``transformers`` too (``hf_folder``): ``max_new_tokens`` (the
+    generate stage's) goes to its ``generation_config.json``, and ``fetch`` (the params
+    that fetched ``base_model``) lets its model card name the base model.
     """
     _configure_threads(params.threads)
     meta = read_meta(tokenized / "meta.json")
@@ -122,7 +126,17 @@ def finetune(
                 _log_live(live, row)
             trainer.on_log = lambda row: _log_live(live, row)
             state = trainer.train()
-        trainer.finish()
+            trainer.finish()
+            # The final weights' losses (the model exported, its card and metrics), logged
+            # too unless the last step was an evaluation step, so the curves reach the end.
+            train_loss, val_loss = trainer.evaluate()
+            if not state.log or state.log[-1]["step"] != state.step:
+                row = state.log_row(
+                    len(trainer.order), train_loss=train_loss, val_loss=val_loss,
+                    batch_loss=None, lr=None, grad_norm=None,
+                )  # fmt: skip
+                state.log.append(row)
+                _log_live(live, row)
     # The process group is gone: rank 0 writes the outputs while the other ranks exit.
 
     with atomic_open(log_tsv) as handle:
@@ -138,13 +152,31 @@ def finetune(
             "base_model": str(base_model),
         }
     }
+    exported = trainer.export_model()
+    card = hf_folder.Training(
+        base=hf_folder.describe_base(base_model, fetch),
+        data={"train": inputs["train_data"], "val": inputs["val_data"]},
+        params=to_dict(params),
+        results={
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "steps": state.step,
+            "epochs": round(state.step / len(trainer.order), 4),
+            "tokens_seen": state.tokens_seen,
+        },
+    )
     with atomic_dir(model_out) as tmp:
-        save_model(trainer.export_model(), tmp, extra_config=extra)
-        for name in (ENCODER_JSON, VOCAB_BPE):
-            shutil.copyfile(encoding_dir / name, tmp / name)
+        hf_folder.write_model_folder(
+            exported,
+            tmp,
+            encoding_dir=encoding_dir,
+            prompt_style=meta["prompt_style"],
+            max_new_tokens=max_new_tokens,
+            training=card,
+            extra_config=extra,
+        )
     trainer.remove_checkpoint()
 
-    train_loss, val_loss = trainer.evaluate()
     report = {
         "steps": state.step,
         "epochs": round(state.step / len(trainer.order), 4),

@@ -12,6 +12,7 @@ from gpt2_instruct.generation import generate
 from gpt2_instruct.io import write_json
 from gpt2_instruct.model_dir import load_instruct_model
 from gpt2_instruct.params import GenerateParams, ParamsError
+from gpt2_instruct.progress import progress_bar
 from gpt2_instruct.stages import log
 
 ALPACA_RESPONSE_HEADER = "\n\n### Response:\n"
@@ -32,6 +33,8 @@ def generate_responses(
 
     The metrics say how many answers ended with ``<|endoftext|>`` and how many were cut
     at ``max_new_tokens``: a fine-tune that never learned to stop shows there at once.
+    Progress (answers done, ETA) goes to stderr (:func:`gpt2_instruct.progress.progress_bar`);
+    the ETA is rough at first, as batches go from short prompts to long ones.
     """
     entries = load_entries(test_json)  # checked before the model loads
     device = resolve_device(params.device)
@@ -52,16 +55,17 @@ def generate_responses(
     answers: dict[int, str] = {}
     answer_tokens: list[int] = []
     started = time.perf_counter()
-    for start in range(0, len(order), params.batch_size):
-        batch = order[start : start + params.batch_size]
-        outputs = generate(  # params are SamplingParams: the sampling knobs as they are
-            model, [prompts[i] for i in batch], eos_id=tokenizer.eot_id, sampling=params
-        )
-        for i, ids in zip(batch, outputs, strict=True):
-            answer_tokens.append(len(ids))
-            text = tokenizer.decode(ids)
-            answers[i] = extract_response(text, style, params.response_extraction)
-        log(f"generate: {len(answers)}/{len(entries)} answers")
+    with progress_bar(len(entries), "generate", "answer") as bar:
+        for start in range(0, len(order), params.batch_size):
+            batch = order[start : start + params.batch_size]
+            outputs = generate(  # params are SamplingParams: the sampling knobs as they are
+                model, [prompts[i] for i in batch], eos_id=tokenizer.eot_id, sampling=params
+            )
+            for i, ids in zip(batch, outputs, strict=True):
+                answer_tokens.append(len(ids))
+                text = tokenizer.decode(ids)
+                answers[i] = extract_response(text, style, params.response_extraction)
+            bar.update(len(batch))
     seconds = time.perf_counter() - started
     results = [{**e.to_dict(), "model_response": answers[i]} for i, e in enumerate(entries)]
     write_json(out, results, indent=4)
