@@ -349,7 +349,7 @@ def test_stage_scripts_default_to_the_paths_in_dvc_yaml():
 # settings, atomic writes, the bounded JSON reader (json.loads' values or an error), the
 # deadline on HTTP requests (it can end a request, never change a byte that is kept) with
 # the redaction of URLs in messages, and the stages' frame (``gpt2_instruct.stages``).
-PLUMBING = {"params", "io", "safe_json", "deadline", "stages"}
+PLUMBING = {"params", "io", "safe_json", "deadline", "progress", "stages"}
 PACKAGE = REPO_ROOT / "src" / "gpt2_instruct"
 
 

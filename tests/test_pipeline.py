@@ -36,6 +36,7 @@ from gpt2_instruct.model import GPTConfig, GPTModel
 from gpt2_instruct.model_dir import load_instruct_model
 from gpt2_instruct.params import (
     DownloadParams,
+    DpoParams,
     EvaluateParams,
     FetchParams,
     FinetuneParams,
@@ -205,6 +206,13 @@ def run(tmp_path_factory, bpe_dir):
         p.judge_report = judge_stage.judge(
             JudgeParams(), p.responses, p.judge_metrics, p.judge_per_entry, p.judge_scores
         )
+        p.dpo_report = pipeline.dpo(  # off by default: its marker outputs only
+            DpoParams(), PrepareParams(), p.model,
+            *(root / name for name in (
+                "data/dpo/model", "data/dpo/prepared", "data/dpo/reference_logprobs.safetensors",
+                "metrics/dpo.json", "metrics/dpo_log.tsv", "plots/dpo.png", "dvclive_dpo",
+            )),
+        )  # fmt: skip
     return p
 
 

@@ -48,6 +48,7 @@ from gpt2_instruct.data import PromptStyle, ResponseExtraction
 from gpt2_instruct.deadline import redact
 from gpt2_instruct.devices import Precision, resolve_device
 from gpt2_instruct.download import MAX_RETRIES
+from gpt2_instruct.dpo import DPO_LOSSES, DpoLoss
 from gpt2_instruct.lora import LORA_TARGETS
 from gpt2_instruct.model import GPT2_CONFIGS
 from gpt2_instruct.optim import Schedule
@@ -493,6 +494,71 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class DpoParams:
+    """Preference tuning (DPO) of the instruction-fine-tuned model: the dpo stage's section.
+
+    Off unless ``enabled`` (the stage then writes "not run" outputs in a moment), so
+    ``dvc repro`` stays the reference instruction run; ``dvc exp run -S dpo.enabled=true``
+    runs it. The defaults are the reference recipe (Raschka, ch07 bonus
+    04_preference-tuning-with-dpo). ``data_url`` is an http(s) URL, a file:// URL or a local
+    path, checked against ``data_sha256`` (null: no check). ``loss``: ``sigmoid`` (DPO),
+    ``ipo`` or ``simpo`` (``simpo_gamma`` is its target margin), see ``gpt2_instruct.dpo``.
+    ``max_length`` is the reference's ``allowed_max_length``, cut to the model's context.
+    """
+
+    enabled: bool = False
+    data_url: str = (
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+        "04_preference-tuning-with-dpo/instruction-data-with-preference.json"
+    )
+    data_sha256: str | None = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
+    loss: DpoLoss = "sigmoid"
+    beta: float = 0.1
+    simpo_gamma: float = 0.5
+    lr: float = 5.0e-6
+    weight_decay: float = 0.01
+    epochs: int = 1
+    batch_size: int = 8
+    eval_every: int = 5
+    eval_batches: int = 5
+    mask_prompt: bool = True
+    max_length: int = 1024
+    seed: int = 123
+    max_steps: int | None = None
+    device: str = "auto"
+    lora: LoRAParams = field(default_factory=LoRAParams)
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(self.data_url) and not any(ch.isspace() for ch in self.data_url),
+            f"data_url must be a URL or path without blanks, got {_short(redact(self.data_url))}",
+        )
+        if self.data_sha256 is not None:
+            pin = self.data_sha256.strip().lower()
+            _check(
+                SHA256_PATTERN.fullmatch(pin) is not None,
+                f"data_sha256 must be 64 hex digits or null, got {_short(self.data_sha256)}",
+            )
+            object.__setattr__(self, "data_sha256", pin)
+        _check(self.loss in DPO_LOSSES, f"loss must be one of {list(DPO_LOSSES)}")
+        _check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        _check(self.simpo_gamma >= 0, f"simpo_gamma must be >= 0, got {self.simpo_gamma}")
+        _check(self.lr > 0, "lr must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check_int(self.epochs, "epochs", 1, MAX_EPOCHS)
+        _check_int(self.batch_size, "batch_size", 1, MAX_BATCH)
+        _check_int(self.eval_every, "eval_every", 1, MAX_STEPS)
+        _check_int(self.eval_batches, "eval_batches", 1, 10_000)
+        _check_int(self.max_length, "max_length", 2, 1 << 20, " (cut to the model's context)")
+        _check_seed(self.seed)
+        if self.max_steps is not None:
+            _check_int(self.max_steps, "max_steps", 1, MAX_STEPS, " or null")
+        _check_device_name(self.device)
+        problem = device_problem(self.device)  # as Params checks the other stages' devices
+        _check(problem is None, f"device {self.device!r}: {problem}")
+
+
+@dataclass(frozen=True)
 class Params:
     download: DownloadParams = field(default_factory=DownloadParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
@@ -502,6 +568,7 @@ class Params:
     generate: GenerateParams = field(default_factory=GenerateParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     judge: JudgeParams = field(default_factory=JudgeParams)
+    dpo: DpoParams = field(default_factory=DpoParams)
 
     def __post_init__(self) -> None:
         """Limits across sections: the model's shape (when known here) and the devices."""

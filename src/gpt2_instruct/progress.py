@@ -1,4 +1,4 @@
-"""Progress with an ETA for the long loops of generate, evaluate and judge.
+"""Progress with an ETA for the long loops of finetune, generate, evaluate and judge.
 
 On a terminal it is a live tqdm bar on stderr (stdout stays free for DVC's own output).
 In a log (stderr not a TTY: CI, ``nohup``, ``dvc exp run --queue``) a redrawn bar would
@@ -27,7 +27,7 @@ TTY_EVERY_S = 0.5
 
 LOG_FORMAT = (
     "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) "
-    "[{elapsed} elapsed, ETA {remaining}, {rate_fmt}]"
+    "[{elapsed} elapsed, ETA {remaining}, {rate_fmt}{postfix}]"
 )
 """One progress line in a log; no bar characters (they mean nothing in a log)."""
 
@@ -64,23 +64,34 @@ def _is_terminal(stream: TextIO) -> bool:
 
 
 def progress_bar(
-    total: int, desc: str, unit: str, *, file: TextIO | None = None, enabled: bool = True
+    total: int,
+    desc: str,
+    unit: str,
+    *,
+    file: TextIO | None = None,
+    enabled: bool = True,
+    initial: int = 0,
 ) -> tqdm:
     """A bar for ``total`` items (live on a terminal, timed lines in a log); close it after.
 
     ``file`` defaults to ``sys.stderr`` as it is when called (so tests can capture it);
-    ``enabled=False`` gives a silent bar, so callers need no second code path.
+    ``enabled=False`` gives a silent bar, so callers need no second code path;
+    ``initial``: items already done (a resumed run).
     """
     stream = sys.stderr if file is None else file
     if not enabled:
         return tqdm(total=total, disable=True)
     if _is_terminal(stream):
-        return tqdm(total=total, desc=desc, unit=unit, file=stream, mininterval=TTY_EVERY_S)
+        return tqdm(
+            total=total, desc=desc, unit=unit, file=stream, mininterval=TTY_EVERY_S,
+            initial=initial,
+        )  # fmt: skip
     return tqdm(
         total=total,
         desc=desc,
         unit=unit,
         file=_Lines(stream),
+        initial=initial,
         mininterval=LOG_EVERY_S,
         miniters=1,  # no dynamic miniters: tqdm's monitor thread would print between lines
         bar_format=LOG_FORMAT,

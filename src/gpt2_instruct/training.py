@@ -43,6 +43,7 @@ from gpt2_instruct.lora import has_lora, merge_lora, trainable_parameters
 from gpt2_instruct.model import GPTModel
 from gpt2_instruct.optim import apply_lr, build_optimizer, lr_at
 from gpt2_instruct.params import FinetuneParams, ParamsError
+from gpt2_instruct.progress import progress_bar
 from gpt2_instruct.train_batches import Collator
 
 __all__ = ["CHECKPOINT_NAME", "NonFiniteLossError", "TrainState", "Trainer"]
@@ -265,12 +266,10 @@ class Trainer:
         """One optimizer step per batch; evaluation, checkpoints and Ctrl-C between steps."""
         p, s = self.params, self.state
         self.model.train()
-        bar = tqdm(
-            total=self.total_steps,
-            initial=s.step,
-            disable=not (self.progress and self.world.is_main),
-            desc="finetune",
-        )
+        bar = progress_bar(
+            self.total_steps, "finetune", "step",
+            enabled=self.progress and self.world.is_main, initial=s.step,
+        )  # fmt: skip
         started = time.perf_counter() - s.seconds
         for indices in self._batches():
             if s.step >= self.total_steps:
@@ -359,7 +358,7 @@ class Trainer:
         self.state.log.append(row)
         if self.on_log is not None:
             self.on_log(row)
-        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", refresh=False)
 
     # ------------------------------------------------------------ after training
     def release_distributed(self) -> None:
