@@ -5,9 +5,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,7 +54,17 @@ def _error(tmp_path: Path, text: str) -> str:
 
 
 def _dvc_stages() -> dict[str, dict]:
-    return yaml.safe_load(DVC_YAML.read_text(encoding="utf-8"))["stages"]
+    """dvc.yaml's stages with ``${section.key}`` filled in from params.yaml, as DVC does."""
+    params = yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
+
+    def value(match: re.Match) -> str:
+        found: Any = params
+        for key in match.group(1).split("."):
+            found = found[key]
+        return str(found)
+
+    text = re.sub(r"\$\{([\w.]+)\}", value, DVC_YAML.read_text(encoding="utf-8"))
+    return yaml.safe_load(text)["stages"]
 
 
 def _stage_paths(spec: dict) -> set[str]:
@@ -330,8 +342,9 @@ def test_dvc_params_are_sections_of_params_yaml():
 
 def test_dvc_commands_and_dependencies_exist():
     for name, spec in _dvc_stages().items():
-        program, script = spec["cmd"].split()
+        program, script, *options = spec["cmd"].split()
         assert program == "python", name
+        assert options in ([], ["--model", "data/model"]), name  # ${generate.model}
         assert (REPO_ROOT / script).is_file(), (name, script)
         assert script in spec["deps"], name  # editing the script reruns the stage
         for dep in spec["deps"]:
@@ -798,3 +811,21 @@ def test_any_yaml_text_raises_only_a_one_line_params_error(parts):
             load_params(path)
         except ParamsError as err:
             assert "\n" not in str(err) and str(err).startswith(str(path))
+
+
+def test_generate_answers_with_the_dpo_model_only_when_dpo_runs(tmp_path):
+    """``generate.model`` picks the folder generate and evaluate load (``${generate.model}``
+    in dvc.yaml); the DPO folder holds a model only with ``dpo.enabled``."""
+    path = tmp_path / "params.yaml"
+    path.write_text("generate:\n  model: data/dpo/model\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match=r"needs the dpo stage: set dpo\.enabled true"):
+        load_params(path)
+    path.write_text("generate:\n  model: data/dpo/model\ndpo:\n  enabled: true\n", encoding="utf-8")
+    assert load_params(path).generate.model == "data/dpo/model"
+    path.write_text("generate:\n  model: models/other\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match=r"generate\.model"):
+        load_params(path)
+    stages = _dvc_stages()
+    for name in ("generate", "evaluate"):
+        assert stages[name]["cmd"].endswith("--model data/model"), name
+        assert "data/model" in stages[name]["deps"], name

@@ -346,6 +346,10 @@ class SamplingParams:
         _check_seed(self.seed)
 
 
+# The pipeline's model folders: the instruction fine-tune's, and the DPO stage's.
+ModelFolder = Literal["data/model", "data/dpo/model"]
+
+
 @dataclass(frozen=True)
 class GenerateParams(SamplingParams):
     """Answers for the test split; greedy by default, like the reference.
@@ -354,6 +358,8 @@ class GenerateParams(SamplingParams):
     are :class:`SamplingParams`'; these params are passed to the decoder as they are.
     """
 
+    # The model folder answered with (and evaluate scores): dvc.yaml's ``${generate.model}``.
+    model: ModelFolder = "data/model"
     batch_size: int = 32
     response_header_in_prompt: bool = False
     # data.RESPONSE_EXTRACTIONS; "reference": the reference's replace-all of the header
@@ -593,6 +599,10 @@ class Params:
             name = getattr(self, section).device
             problem = device_problem(name)
             _check(problem is None, f"{section}.device: {name!r}: {problem}")
+        _check(
+            self.generate.model != "data/dpo/model" or self.dpo.enabled,
+            "generate.model data/dpo/model needs the dpo stage: set dpo.enabled true",
+        )
         finetune = self.finetune
         if finetune.precision == "tf32":  # the device exists here (checked just above)
             on = resolve_device(finetune.device).type
