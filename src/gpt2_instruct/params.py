@@ -560,8 +560,6 @@ class DpoParams:
         if self.max_steps is not None:
             _check_int(self.max_steps, "max_steps", 1, MAX_STEPS, " or null")
         _check_device_name(self.device)
-        problem = device_problem(self.device)  # as Params checks the other stages' devices
-        _check(problem is None, f"device {self.device!r}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -595,7 +593,7 @@ class Params:
                 f"finetune.lora.rank ({rank}) must be at most the width (n_embd {width}) of "
                 f"{what}: a higher rank adds parameters, not capacity",
             )
-        for section in ("finetune", "generate", "evaluate"):
+        for section in ("finetune", "generate", "evaluate", "dpo"):
             name = getattr(self, section).device
             problem = device_problem(name)
             _check(problem is None, f"{section}.device: {name!r}: {problem}")
