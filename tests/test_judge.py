@@ -1038,11 +1038,9 @@ def test_progress_in_a_log_is_timed_and_on_a_terminal_a_live_bar() -> None:
     assert silent.getvalue() == ""
 
 
-def test_the_settings_may_come_first(server: FakeServer) -> None:
-    """judge_entries(config, entries) reads as well as judge_entries(entries, config)."""
-    first, _ = judge_entries(ollama(server), make_entries(2))
-    second, _ = judge_entries(make_entries(2), ollama(server))
-    assert first == second and [row["score"] for row in first] == [50, 50]
+def test_the_settings_must_be_judge_params(server: FakeServer) -> None:
+    rows, _ = judge_entries(make_entries(2), ollama(server))
+    assert [row["score"] for row in rows] == [50, 50]
     with pytest.raises(TypeError, match="JudgeParams"):
         judge_entries(make_entries(1), make_entries(1))  # type: ignore[arg-type]
 

@@ -552,15 +552,12 @@ def _summary(config: JudgeParams, rows: list[dict[str, Any]], error: str | None)
 
 
 def judge_entries(
-    entries: Sequence[Mapping[str, Any]] | JudgeParams,
-    config: JudgeParams | Sequence[Mapping[str, Any]],
+    entries: Sequence[Mapping[str, Any]],
+    config: JudgeParams,
     *,
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score each entry's ``model_response`` with the judge; return (rows, summary).
-
-    ``judge_entries(entries, config)`` and ``judge_entries(config, entries)`` both work
-    (the settings are told apart by their type), so callers written either way agree.
 
     Entries need ``instruction``, ``output`` and ``model_response`` strings (``input`` may be
     missing or null). There is one row per entry, in order: ``{"index", "score", "reply",
@@ -585,8 +582,6 @@ def judge_entries(
     variable :class:`JudgeError`. ``progress``: a bar with an ETA on stderr
     (:func:`gpt2_instruct.progress.progress_bar`).
     """
-    if isinstance(entries, JudgeParams) and not isinstance(config, JudgeParams):
-        entries, config = config, entries
     if not isinstance(config, JudgeParams):
         raise TypeError(f"judge_entries needs a JudgeParams, got {type(config).__name__}")
     check_entries(entries)
