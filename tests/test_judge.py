@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1160,3 +1161,23 @@ def test_parse_score_never_raises(text: str) -> None:
 def test_default_template_is_the_reference_prompt() -> None:
     assert DEFAULT_TEMPLATE.startswith("Given the input `{prompt}` and correct output `{output}`")
     assert DEFAULT_TEMPLATE.endswith("Respond with the integer number only.")
+
+
+def test_the_politeness_rubric_asks_about_tone_and_a_template_still_wins(
+    server: FakeServer,
+) -> None:
+    """``rubric: politeness`` sends ours (tone only, for a DPO run); the reference's stays the
+    default; a ``template`` of the user's overrides either."""
+    from gpt2_instruct.judge import POLITENESS_TEMPLATE, RUBRICS
+    from gpt2_instruct.params import JudgeRubric
+
+    assert set(RUBRICS) == set(typing.get_args(JudgeRubric))
+    entries = make_entries(1)
+    judge_entries(entries, ollama(server, rubric="politeness"))
+    judge_entries(entries, ollama(server))
+    judge_entries(entries, ollama(server, rubric="politeness", template="Rate {response}."))
+    polite, reference, own = server.prompts()
+    assert polite == build_prompt(entries[0], POLITENESS_TEMPLATE) != reference
+    assert "polite" in polite and entries[0]["model_response"] in polite
+    assert reference == build_prompt(entries[0])
+    assert own == f"Rate {entries[0]['model_response']}."

@@ -47,14 +47,21 @@ import urllib3
 
 from gpt2_instruct.data import Entry, format_prompt
 from gpt2_instruct.deadline import Watchdog, redact, watched_session
-from gpt2_instruct.params import JudgeParams, parse_judge_template, render_judge_template
+from gpt2_instruct.params import (
+    JudgeParams,
+    JudgeRubric,
+    parse_judge_template,
+    render_judge_template,
+)
 from gpt2_instruct.progress import progress_bar
 
 __all__ = [
     "DEFAULT_TEMPLATE",
     "DEFAULT_URLS",
     "HISTOGRAM_BUCKETS",
+    "POLITENESS_TEMPLATE",
     "REASONS",
+    "RUBRICS",
     "JudgeError",
     "base_url",
     "build_prompt",
@@ -81,6 +88,16 @@ DEFAULT_TEMPLATE = (
     "score the model response `{response}` on a scale from 0 to 100, "
     "where 100 is the best score. Respond with the integer number only."
 )
+#: Ours, not the reference's: how polite an answer is, whatever its content, for a DPO run
+#: on the preference data (its ``chosen`` answers are the polite ones): ``judge.rubric``.
+POLITENESS_TEMPLATE = (
+    "Given the input `{prompt}`, score how polite and respectful the model response "
+    "`{response}` is on a scale from 0 to 100, where 0 is rude, 50 neutral and 100 very "
+    "polite. Judge the tone only, not whether the answer is correct. "
+    "Respond with the integer number only."
+)
+#: ``judge.rubric`` -> the template used when ``judge.template`` is null.
+RUBRICS: dict[JudgeRubric, str] = {"reference": DEFAULT_TEMPLATE, "politeness": POLITENESS_TEMPLATE}
 
 #: Score buckets of the summary histogram; the last one includes 100.
 HISTOGRAM_BUCKETS: tuple[str, ...] = (*(f"{lo}-{lo + 9}" for lo in range(0, 90, 10)), "90-100")
@@ -609,7 +626,7 @@ def judge_entries(
                         for i in range(index, len(entries))
                     ]
                     break
-                prompt = build_prompt(entry, config.template)
+                prompt = build_prompt(entry, config.template or RUBRICS[config.rubric])
                 try:
                     body = _post(session, request, _payload(config, prompt), config, run_deadline)
                     text = _content(body, request.reply_path)

@@ -375,6 +375,7 @@ class GenerateParams(SamplingParams):
 
 
 JudgeBackend = Literal["none", "ollama", "openai"]
+JudgeRubric = Literal["reference", "politeness"]
 JUDGE_BACKENDS: tuple[str, ...] = typing.get_args(JudgeBackend)
 
 #: The values a judge template may name: ``{prompt}`` is the reference's
@@ -394,7 +395,9 @@ class JudgeParams:
     only each read), ``deadline_s`` the whole run: entries not judged by then are marked
     ``deadline``. ``retries`` counts extra attempts after the first; attempt ``k`` waits
     ``backoff * 2**k`` seconds (at most 60) before retrying. ``template`` None means the
-    reference prompt (``judge.DEFAULT_TEMPLATE``). ``temperature``, ``seed`` and
+    built-in prompt of ``rubric``: ``reference``, the reference's prompt
+    (``judge.DEFAULT_TEMPLATE``), or ``politeness``, ours, which scores the tone of the
+    answer alone (for comparing a DPO run with the fine-tune). ``temperature``, ``seed`` and
     ``num_ctx`` (Ollama's context) are sent with each request.
 
     ``min_scored_fraction``: the judge stage fails (exit 1, so DVC caches nothing) when it
@@ -414,6 +417,7 @@ class JudgeParams:
     url: str | None = None
     timeout: float = 60.0
     retries: int = 2
+    rubric: JudgeRubric = "reference"  # judge.RUBRICS: the template when template is null
     template: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     deadline_s: float = 1800.0
