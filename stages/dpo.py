@@ -11,6 +11,7 @@ if __name__ == "__main__":
             "out": "data/dpo/model",
             "prepared": "data/dpo/prepared",
             "reference": "data/dpo/reference_logprobs.safetensors",
+            "checkpoints": "data/dpo/checkpoints",
             "metrics": "metrics/dpo.json",
             "log": "metrics/dpo_log.tsv",
             "plot": "plots/dpo.png",
@@ -27,6 +28,7 @@ if __name__ == "__main__":
             a["log"],
             a["plot"],
             a["live"],
+            checkpoints=a["checkpoints"],
             max_new_tokens=p.generate.max_new_tokens,  # the model folder's generation_config
         ),
         device_section="dpo",

@@ -246,4 +246,6 @@ class BatchOrder:
         return self.generator.get_state()
 
     def restore(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
+        """The state ``state()`` gave; a checkpoint loaded onto a GPU holds it there, and a
+        CPU generator takes only a CPU ByteTensor."""
+        self.generator.set_state(state.cpu())

@@ -24,7 +24,7 @@ import os
 import time
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -42,10 +42,12 @@ from gpt2_instruct.data import (
 )
 from gpt2_instruct.model import GPTModel
 from gpt2_instruct.optim import build_optimizer
+from gpt2_instruct.resume import deferred_sigint
 from gpt2_instruct.safe_json import JSONError, duplicate_keys, read_json
 from gpt2_instruct.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # params imports this module (DpoLoss): no import at run time
+    from gpt2_instruct.dpo_checkpoint import DpoCheckpoints
     from gpt2_instruct.params import DpoParams
 
 __all__ = [
@@ -458,13 +460,17 @@ def _batch_loss(
 
 @dataclass
 class DpoRun:
-    """What a training run did: its log rows (``LOG_FIELDS``) and totals."""
+    """What a training run did (its log rows, ``LOG_FIELDS``, and totals) and where it stands:
+    with the weights, the optimizer and the generators, enough to continue it exactly."""
 
     log: list[dict[str, float]]
     step: int
     steps_per_epoch: int
     tokens_seen: int
     seconds: float
+    epoch: int = 0  # the current epoch (0-based)
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+    epoch_batches: list[list[int]] = field(default_factory=list)
 
 
 def train(
@@ -476,6 +482,7 @@ def train(
     pad_id: int,
     device: torch.device,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    checkpoints: DpoCheckpoints | None = None,
 ) -> DpoRun:
     """The reference's ``train_model_dpo_simple`` on ``data["train"]``, evaluating on val.
 
@@ -485,13 +492,29 @@ def train(
     in order; AdamW over the parameters that train. The loss is evaluated after steps 1,
     1 + ``eval_every``, ... (the reference's 0, 5, ...) and, unless the last step was one of
     them, once more at the end. ``model`` must be on ``device``.
+
+    With ``checkpoints`` (``dpo_checkpoint``) a checkpoint made from the same inputs is
+    resumed (its log rows go through ``on_log`` again) and one is written every
+    ``checkpoint_every`` steps and at each epoch end, but not after the last step: the
+    stage then exports the model and deletes the checkpoint. Ctrl-C (SIGINT) is honoured
+    between steps: the step in flight finishes, a checkpoint is written and
+    ``KeyboardInterrupt`` is raised.
     """
     train_set, val_set = data["train"], data["val"]
     order = BatchOrder(torch.zeros(len(train_set)), params.batch_size, seed=params.seed)
     optimizer = build_optimizer(model, lr=params.lr, weight_decay=params.weight_decay)
     val_batches = first_batches(len(val_set), params.batch_size, params.eval_batches)
+    total_steps = params.epochs * len(order)
+    if params.max_steps is not None:
+        total_steps = min(total_steps, params.max_steps)
     run = DpoRun(log=[], step=0, steps_per_epoch=len(order), tokens_seen=0, seconds=0.0)
-    started = time.perf_counter()
+    saved = checkpoints.load(model, optimizer, order, total_steps) if checkpoints else None
+    if saved is not None:
+        run = DpoRun(**saved)
+        if on_log is not None:  # a resumed run re-logs what it restored
+            for row in run.log:
+                on_log(row)
+    started = time.perf_counter() - run.seconds
 
     def log_row() -> None:
         train_batches = order.sample_batches(params.eval_batches)
@@ -512,23 +535,49 @@ def train(
             on_log(row)
 
     def batches() -> Iterator[list[int]]:
-        for _ in range(params.epochs):  # a new epoch's shuffle once the last one is done
-            yield from order.epoch()
+        """The batches left, epoch by epoch: a new epoch's shuffle once the last one is done."""
+        while run.epoch < params.epochs:
+            if run.batch_in_epoch == 0:
+                run.epoch_batches = order.epoch()
+            while run.batch_in_epoch < len(run.epoch_batches):
+                yield run.epoch_batches[run.batch_in_epoch]
+            run.epoch += 1
+            run.batch_in_epoch = 0
+
+    def save() -> None:
+        if checkpoints is not None:
+            checkpoints.save(model, optimizer, order, vars(run))
 
     model.train()
-    for indices in batches():
-        optimizer.zero_grad()
-        out = _batch_loss(model, train_set, reference["train"], indices, params, pad_id, device)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"the DPO loss is {out.loss.item()} at step {run.step + 1}")
-        out.loss.backward()
-        optimizer.step()
-        run.tokens_seen += len(indices) * _width(train_set, indices, params.max_length)
-        run.step += 1
-        if (run.step - 1) % params.eval_every == 0:
-            log_row()
-        if params.max_steps is not None and run.step >= params.max_steps:
-            break
+    upcoming = batches()
+    with deferred_sigint() as interrupted:
+        while run.step < total_steps:
+            indices = next(upcoming)
+            optimizer.zero_grad()
+            out = _batch_loss(model, train_set, reference["train"], indices, params, pad_id, device)
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(
+                    f"the DPO loss is {out.loss.item()} at step {run.step + 1}"
+                )
+            out.loss.backward()
+            optimizer.step()
+            run.tokens_seen += len(indices) * _width(train_set, indices, params.max_length)
+            run.step += 1
+            run.batch_in_epoch += 1
+            if (run.step - 1) % params.eval_every == 0:
+                log_row()
+            run.seconds = time.perf_counter() - started
+            every = params.checkpoint_every
+            epoch_end = run.batch_in_epoch == len(run.epoch_batches)
+            if run.step < total_steps and (epoch_end or (every and run.step % every == 0)):
+                save()
+            if interrupted:
+                save()
+                where = checkpoints.directory if checkpoints else None
+                raise KeyboardInterrupt(
+                    f"interrupted after step {run.step}; checkpoint in "
+                    f"{where or 'nowhere (no checkpoint directory)'}"
+                )
     if not run.log or run.log[-1]["step"] != run.step:
         log_row()  # the final weights' figures, so the curves reach the end
     run.seconds = time.perf_counter() - started

@@ -22,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpt2_instruct.io import sha256_file
-from gpt2_instruct.params import FinetuneParams
+
+if TYPE_CHECKING:  # params imports dpo, which imports resume and so this module
+    from gpt2_instruct.params import FinetuneParams
 
 SPEED_KNOBS: tuple[str, ...] = (
     "device",

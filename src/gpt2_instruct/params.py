@@ -514,6 +514,7 @@ class DpoParams:
     path, checked against ``data_sha256`` (null: no check). ``loss``: ``sigmoid`` (DPO),
     ``ipo`` or ``simpo`` (``simpo_gamma`` is its target margin), see ``gpt2_instruct.dpo``.
     ``max_length`` is the reference's ``allowed_max_length``, cut to the model's context.
+    ``checkpoint_every``: steps between resumable checkpoints (0: only at epoch ends).
     """
 
     enabled: bool = False
@@ -535,6 +536,7 @@ class DpoParams:
     max_length: int = 1024
     seed: int = 123
     max_steps: int | None = None
+    checkpoint_every: int = 50
     device: str = "auto"
     lora: LoRAParams = field(default_factory=LoRAParams)
 
@@ -563,6 +565,7 @@ class DpoParams:
         _check_seed(self.seed)
         if self.max_steps is not None:
             _check_int(self.max_steps, "max_steps", 1, MAX_STEPS, " or null")
+        _check_int(self.checkpoint_every, "checkpoint_every", 0, MAX_STEPS, " (0: epoch ends)")
         _check_device_name(self.device)
 
 

@@ -20,11 +20,8 @@ backward pass) and ``train_batches`` (collation and autocast).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +41,7 @@ from gpt2_instruct.model import GPTModel
 from gpt2_instruct.optim import apply_lr, build_optimizer, lr_at
 from gpt2_instruct.params import FinetuneParams, ParamsError
 from gpt2_instruct.progress import progress_bar
+from gpt2_instruct.resume import deferred_sigint
 from gpt2_instruct.train_batches import Collator
 
 __all__ = ["CHECKPOINT_NAME", "NonFiniteLossError", "TrainState", "Trainer"]
@@ -75,20 +73,6 @@ class TrainState:
             **figures,  # type: ignore[dict-item]  # grad_norm: None without clipping
             "seconds": self.seconds,
         }
-
-
-@contextlib.contextmanager
-def _deferred_sigint() -> Iterator[list[bool]]:
-    """Turn SIGINT into a flag checked between steps (main thread only; elsewhere a no-op)."""
-    flag: list[bool] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = signal.signal(signal.SIGINT, lambda *_: flag.append(True))
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _set_head_layout(model: GPTModel, *, tie_embeddings: bool) -> None:
@@ -259,7 +243,7 @@ class Trainer:
         then exports the model and deletes the checkpoint, which would have been
         written (4.3 GB for gpt2-medium) only to be deleted.
         """
-        with _deferred_sigint() as interrupted:
+        with deferred_sigint() as interrupted:
             return self._train(interrupted)
 
     def _train(self, interrupted: list[bool]) -> TrainState:

@@ -17,6 +17,13 @@ forward pass per example (1,100 pairs) before training. Saving: the reference ke
 frozen copy of the model on the device for the whole run (gpt2-medium: 1.4 GB of fp32
 weights) and runs it on every training and evaluation batch (half of all forward passes:
 chosen and rejected, policy and reference); here the file is 9.5 KB.
+
+Training is resumable (``dpo_checkpoint``): a checkpoint every ``dpo.checkpoint_every``
+steps and at each epoch end goes to ``data/dpo/checkpoints`` (persistent, like finetune's),
+and Ctrl-C finishes the step and writes one. A rerun resumes it only if it was made from
+the same model folder, data, split, reference log-probs and learning params; otherwise one
+line says what changed and the stale checkpoint is deleted. It is deleted once the model
+is exported.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from gpt2_instruct.data import DataError, DataWarning
 from gpt2_instruct.deadline import redact
 from gpt2_instruct.devices import resolve_device
 from gpt2_instruct.download import fetch
+from gpt2_instruct.dpo_checkpoint import DpoCheckpoints
 from gpt2_instruct.io import atomic_dir, atomic_open, atomic_path, sha256_file, write_json
 from gpt2_instruct.lora import apply_lora, has_lora, merge_lora, trainable_parameters
 from gpt2_instruct.model import GPTModel
@@ -69,9 +77,15 @@ def dpo(
     plot: Path,
     live_dir: Path,
     *,
+    checkpoints: Path | None = None,
     max_new_tokens: int = SamplingParams.max_new_tokens,
 ) -> dict[str, Any]:
-    """Preference-tune ``model_dir`` into ``model_out`` and write the log, plot and metrics."""
+    """Preference-tune ``model_dir`` into ``model_out`` and write the log, plot and metrics.
+
+    ``checkpoints``: the directory of the resumable checkpoint (None: no checkpoints).
+    """
+    if checkpoints is not None:
+        checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
     if not params.enabled:
         return _not_run(model_out, prepared, reference_out, metrics, log_tsv, plot, live_dir)
     device = resolve_device(params.device)
@@ -115,7 +129,7 @@ def dpo(
 
     pad_id = tokenizer.eot_id
     started = time.perf_counter()
-    reference, reused = _reference_logprobs(
+    reference, reused, reference_keys = _reference_logprobs(
         reference_out, model, examples, model_dir, params, pad_id=pad_id, device=device
     )
     reference_seconds = time.perf_counter() - started
@@ -129,11 +143,15 @@ def dpo(
             model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets
         )
     trainable = trainable_parameters(model)
+    resumable = DpoCheckpoints.for_stage(
+        checkpoints, params, model_dir=model_dir, data_sha256=data_sha256, split=split_params,
+        reference_keys=reference_keys, device=device, log=lambda line: log(f"dpo: {line}"),
+    )  # fmt: skip
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         try:
             run = prefs.train(
                 model, examples, reference, params, pad_id=pad_id, device=device,
-                on_log=lambda row: _log_live(live, row),
+                on_log=lambda row: _log_live(live, row), checkpoints=resumable,
             )  # fmt: skip
         except FloatingPointError as err:  # a diverging run: most likely dpo.lr or dpo.beta
             raise ParamsError(f"dpo: {err}; lower dpo.lr (or change dpo.beta)") from None
@@ -173,6 +191,7 @@ def dpo(
         "trainable_parameters": trainable,
     }
     _export(model, model_dir, model_out, params, report, max_new_tokens=max_new_tokens)
+    resumable.remove()
     write_json(metrics, _finite(report))
     log(f"dpo: {report}")
     return report
@@ -267,10 +286,11 @@ def _reference_logprobs(
     *,
     pad_id: int,
     device: torch.device,
-) -> tuple[dict[str, prefs.ReferenceLogprobs], bool]:
+) -> tuple[dict[str, prefs.ReferenceLogprobs], bool, dict[str, str]]:
     """Each split's reference log-probs: reused where the cache's key matches, else computed.
 
-    Returns them and whether every split was reused; the file is rewritten when any was not.
+    Returns them, whether every split was reused, and each split's key; the file is
+    rewritten when any was not reused.
     """
     model_sha256 = sha256_file(model_dir / WEIGHTS_NAME)
     meta, tensors = _read_cache(path)
@@ -293,7 +313,7 @@ def _reference_logprobs(
         metadata = {"format": CACHE_FORMAT, **{f"{n}.key": keys[n] for n in SPLITS}}
         with atomic_path(path) as tmp:
             save_file(saved, tmp, metadata=metadata)
-    return out, reused
+    return out, reused, keys
 
 
 # --- outputs ---------------------------------------------------------------------------------
