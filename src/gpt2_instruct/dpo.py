@@ -141,21 +141,11 @@ def load_preference_entries(
 
 
 def split_preferences(
-    entries: Sequence[PreferenceEntry],
-    *,
-    train_fraction: float = 0.85,
-    test_fraction: float = 0.10,
-    shuffle: bool = False,
-    seed: int = 123,
+    entries: Sequence[PreferenceEntry], **split_options: Any
 ) -> dict[str, list[PreferenceEntry]]:
-    """The instruction data's split (``data.split_entries``): train, val and test lists."""
-    split = split_entries(
-        entries,
-        train_fraction=train_fraction,
-        test_fraction=test_fraction,
-        shuffle=shuffle,
-        seed=seed,
-    )
+    """The instruction data's split: ``data.split_entries`` with its options (and defaults),
+    as train, val and test lists of preference entries."""
+    split = split_entries(entries, **split_options)
     return {
         name: typing.cast(list[PreferenceEntry], getattr(split, name))
         for name in ("train", "val", "test")
