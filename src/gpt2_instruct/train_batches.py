@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from gpt2_instruct.batching import TokenizedSplit, collate
+from gpt2_instruct.devices import Platform, Precision
 from gpt2_instruct.model import IGNORE_INDEX
 from gpt2_instruct.params import FinetuneParams
 
@@ -20,15 +21,17 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
 
 
 def autocast(
-    device: torch.device, precision: str, *, cache: bool = True
+    device: torch.device, precision: Precision, *, cache: bool = True
 ) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast when asked; fp32 runs exactly as written.
+    """Autocast where the device seam says so (``Platform.autocast_dtype``: bf16); fp32 and
+    tf32 run as written (tf32 rounds products through the matmul setting instead).
 
     ``cache``: keep one bf16 cast of each weight for the whole region (autocast's
     default) instead of casting it again at every use.
     """
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
+    dtype = Platform(device, precision).autocast_dtype
+    if dtype is not None:
+        return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
