@@ -153,17 +153,18 @@ def finetune(
         }
     }
     exported = trainer.export_model()
+    results = {  # the model card's and the metrics'
+        "steps": state.step,
+        "epochs": round(state.step / len(trainer.order), 4),
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "tokens_seen": state.tokens_seen,
+    }
     card = hf_folder.Training(
         base=hf_folder.describe_base(base_model, fetch),
         data={"train": inputs["train_data"], "val": inputs["val_data"]},
         params=to_dict(params),
-        results={
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "steps": state.step,
-            "epochs": round(state.step / len(trainer.order), 4),
-            "tokens_seen": state.tokens_seen,
-        },
+        results=results,
     )
     with atomic_dir(model_out) as tmp:
         hf_folder.write_model_folder(
@@ -178,11 +179,7 @@ def finetune(
     trainer.remove_checkpoint()
 
     report = {
-        "steps": state.step,
-        "epochs": round(state.step / len(trainer.order), 4),
-        "train_loss": train_loss,
-        "val_loss": val_loss,
-        "tokens_seen": state.tokens_seen,
+        **results,
         "target_tokens": state.target_tokens,
         "train_seconds": round(state.seconds, 2),
         "tokens_per_second": round(state.tokens_seen / max(state.seconds, 1e-9), 1),
